@@ -1,0 +1,1 @@
+"""Mirror ops: control."""
