@@ -1,0 +1,22 @@
+"""Shared test set-up: deterministic, CPU-only, repository paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+WHEELS = REPO / ".cache" / "wheels"
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
