@@ -14,6 +14,8 @@ MODELS = REPO / "models"
 WHEELS = REPO / ".cache" / "wheels"
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Small ops are dominated by thread-pool overhead on a 2-core machine; one thread is faster.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -75,3 +75,28 @@ def assert_matches_ort(
         else:
             np.testing.assert_allclose(have, want, rtol=rtol, atol=atol, err_msg=name)
     return [got[n] for n in mirror.output_names]
+
+
+def assert_gradients_match_finite_differences(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    second_order: bool = True,
+) -> None:
+    """First (and second) derivatives of a float64 mirror w.r.t. every float input match
+    central finite differences (torch.autograd.gradcheck / gradgradcheck); integer and bool
+    inputs are held fixed and non-float outputs ignored."""
+    import torch
+
+    mirror = Mirror(model, weight_names=[], dtype=torch.float64)
+    fixed = {n: torch.from_numpy(np.array(feeds[n])) for n in mirror.input_names}
+    wrt = [n for n in mirror.input_names if fixed[n].is_floating_point()]
+    variables = tuple(fixed[n].double().requires_grad_() for n in wrt)
+
+    def run(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = mirror(**(fixed | dict(zip(wrt, values, strict=True))))
+        return tuple(o for o in outputs if o.is_floating_point())
+
+    assert torch.autograd.gradcheck(run, variables, eps=1e-6, atol=1e-5, rtol=1e-4)
+    if second_order:
+        assert torch.autograd.gradgradcheck(run, variables, eps=1e-6, atol=1e-5, rtol=1e-4)

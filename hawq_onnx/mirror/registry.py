@@ -33,6 +33,8 @@ class OpContext:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     node_name: str = ""
+    # How many outputs the node declares (Split without sizes divides by it).
+    n_outputs: int = 1
     # Runs a subgraph (GraphProto) with the outer scope's tensors visible; returns its outputs.
     run_subgraph: Callable[[Any], list[Any]] | None = None
 
