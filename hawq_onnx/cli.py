@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"hawq-onnx: error: {message}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `hawq-onnx inspect m.onnx | head`: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("hawq-onnx: interrupted", file=sys.stderr)
         return 130

@@ -67,6 +67,33 @@ def _convert(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
+def _channel_slopes_for_legacy_prelu(model: onnx.ModelProto) -> int:
+    """Before opset 7 a 1-D PRelu slope of size C applied per channel (axis 1); from 7 on it
+    broadcasts from the right, and the converter does not rewrite it. Reshape such slopes to
+    [C, 1, ...] so the upgraded model computes what the original did. Returns the count."""
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    typed = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    ranks = {info.name: len(info.type.tensor_type.shape.dim)
+             for info in (*typed.input, *typed.value_info) if info.type.HasField("tensor_type")}
+    fixed = 0
+    for node in graph.node:
+        if node.op_type != "PRelu":
+            continue
+        slope, rank = inits.get(node.input[1]), ranks.get(node.input[0], 0)
+        if slope is None or len(slope.dims) != 1 or slope.dims[0] <= 1 or rank <= 2:
+            continue
+        slope.dims[:] = [slope.dims[0]] + [1] * (rank - 2)
+        for info in graph.input:  # IR < 4 models also list initializers as inputs
+            if info.name == slope.name:
+                shape = info.type.tensor_type.shape
+                del shape.dim[:]
+                for size in slope.dims:
+                    shape.dim.add().dim_value = size
+        fixed += 1
+    return fixed
+
+
 def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.ModelProto:
     """``node`` alone, with its known input types and constant inputs, for blame-finding."""
     graph = model.graph
@@ -147,6 +174,10 @@ def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
     source = default_opset(model)
     if source is None or source >= TARGET_OPSET:
         return model, report
+    if source < 7:
+        model = copy_model(model)
+        if fixed := _channel_slopes_for_legacy_prelu(model):
+            report.note(f"reshaped {fixed} legacy per-channel PRelu slope(s) for opset >= 7")
     try:
         converted = _convert(model)
     except OpsetConversionError:

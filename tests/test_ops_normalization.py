@@ -194,7 +194,8 @@ def test_second_order_autograd(case: tuple) -> None:
     second_order_check(op, shapes, attrs, opset, extra)
 
 
-@pytest.mark.parametrize(("shape", "size"), [((2, 5, 4, 4), 3), ((1, 6, 3, 3), 5), ((1, 7, 2, 2), 1)])
+@pytest.mark.parametrize(("shape", "size"),
+                         [((2, 5, 4, 4), 3), ((1, 6, 3, 3), 5), ((1, 7, 2, 2), 1)])
 def test_lrn_matches_onnxruntime(shape: tuple[int, ...], size: int) -> None:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     model = single_op_model("LRN", {"x": x}, {"size": size, "alpha": 0.01, "beta": 0.6,

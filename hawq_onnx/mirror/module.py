@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from hawq_onnx.errors import UnsupportedOpError
 from hawq_onnx.mirror.dtypes import to_torch, torch_dtype
 from hawq_onnx.mirror.registry import OpContext, as_list, lookup
+from hawq_onnx.mirror.static import check_static_control_flow
 
 Hook = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
@@ -159,6 +160,7 @@ class Mirror(torch.nn.Module):
         missing = unsupported_op_types(model)
         if missing:
             raise UnsupportedOpError(missing)
+        check_static_control_flow(model.graph)
         graph = model.graph
         self.compute_dtype = dtype
         self._opsets = {e.domain: int(e.version) for e in model.opset_import}
@@ -199,7 +201,11 @@ class Mirror(torch.nn.Module):
     # ------------------------------------------------------------------ construction
     def _convert(self, array: np.ndarray) -> torch.Tensor:
         tensor = to_torch(array)
-        return tensor.to(self.compute_dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(self._float_target(tensor.dtype)) if tensor.is_floating_point() else tensor
+
+    def _float_target(self, dtype: torch.dtype) -> torch.dtype:
+        """float16/32 compute in the mirror's dtype; float64 keeps its range and precision."""
+        return torch.float64 if dtype == torch.float64 else self.compute_dtype
 
     def _store_constant(self, name: str, tensor: torch.Tensor, taken: set[str]) -> None:
         key = _safe_key("c_" + name, taken)
@@ -263,8 +269,8 @@ class Mirror(torch.nn.Module):
                 value = to_torch(np.asarray(value))
             device = self._device()
             value = value.to(device)
-            if value.is_floating_point() and value.dtype != self.compute_dtype:
-                value = value.to(self.compute_dtype)
+            if value.is_floating_point():
+                value = value.to(self._float_target(value.dtype))
             env[name] = self._apply_hooks(name, value)
         for name, key in self._keys.items():
             env[name] = self._apply_hooks(name, self._params[key])
@@ -311,14 +317,17 @@ class Mirror(torch.nn.Module):
             dtype=self.compute_dtype,
             device=self._device(),
             node_name=node.name,
+            n_outputs=len(node.output),
             run_subgraph=lambda graph: self._run_subgraph(graph, env),
         )
         inputs = [env[name] if name else None for name in node.input]
         try:
             return as_list(fn(ctx, inputs, node_attributes(node)))
         except Exception as exc:  # add the node to whatever went wrong inside an op
-            label = node.name or node.op_type
-            raise type(exc)(f"{node.op_type} node {label!r}: {exc}") from exc
+            note = getattr(exc, "add_note", None)  # Python >= 3.11
+            if note is not None:
+                note(f"while running {node.op_type} node {node.name or node.op_type!r}")
+            raise
 
     def _run_subgraph(self, graph: onnx.GraphProto, outer: Mapping[str, Any]) -> list[Any]:
         """Run an If branch (no formal inputs) with the outer scope visible."""

@@ -39,8 +39,11 @@ class OpContext:
     run_subgraph: Callable[[Any], list[Any]] | None = None
 
     def float_dtype(self, onnx_float_type: torch.dtype) -> torch.dtype:
-        """Float casts follow the mirror's compute dtype (so float64 checks stay float64)."""
-        return self.dtype if onnx_float_type.is_floating_point else onnx_float_type
+        """Float casts follow the mirror's compute dtype (so float64 checks stay float64),
+        except that double stays double: models that compute in float64 need its range."""
+        if not onnx_float_type.is_floating_point:
+            return onnx_float_type
+        return torch.float64 if onnx_float_type == torch.float64 else self.dtype
 
 
 def register(*op_types: str, domain: str = "") -> Callable[[OpFunction], OpFunction]:
