@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -128,13 +129,6 @@ def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return ordered
 
 
-def _opset_of(model: onnx.ModelProto, domain: str) -> int:
-    for entry in model.opset_import:
-        if entry.domain == domain or (domain == "" and entry.domain == "ai.onnx"):
-            return int(entry.version)
-    return 1
-
-
 def _safe_key(name: str, taken: set[str]) -> str:
     key = re.sub(r"\W", "_", name) or "t"
     if key[0].isdigit():
@@ -193,8 +187,9 @@ class Mirror(torch.nn.Module):
             if name not in self._keys:
                 self._store_constant(name, self._convert(array), taken)
         self._hooks: dict[str, list[Hook]] = {}
+        self._steps: dict[int, _Step] = {}
         self._fold_constants(taken)
-        self._last_use = self._compute_last_use()
+        self._plan = self._build_plan()
         if device is not None:
             self.to(device)
 
@@ -222,26 +217,32 @@ class Mirror(torch.nn.Module):
             if not foldable:
                 remaining.append(node)
                 continue
-            env = {n: self._constant(n) for n in reads}
+            env: dict[str, Any] = {n: self._constant(n) for n in reads}
             with torch.no_grad():
-                outputs = self._run_node(node, env)
-            for out_name, value in zip(node.output, outputs, strict=False):
-                if out_name and isinstance(value, torch.Tensor):
-                    self._store_constant(out_name, value, taken)
+                self._execute(self._step(node), env, env, torch.device("cpu"))
+            for out_name in node.output:
+                if out_name and isinstance(env.get(out_name), torch.Tensor):
+                    self._store_constant(out_name, env[out_name], taken)
                     constant.add(out_name)
         self._nodes = remaining
 
     def _constant(self, name: str) -> torch.Tensor:
         return getattr(self, self._buffer_keys[name])
 
-    def _compute_last_use(self) -> dict[str, int]:
+    def _build_plan(self) -> list[_Step]:
+        """Steps for the nodes left after folding, each knowing which tensors die after it."""
         last: dict[str, int] = {}
         for index, node in enumerate(self._nodes):
             for name in node_reads(node):
                 last[name] = index
-        for name in self.output_names:
-            last[name] = len(self._nodes)
-        return last
+        keep = set(self.output_names)
+        plan = []
+        for index, node in enumerate(self._nodes):
+            step = self._step(node)
+            step.release = tuple(n for n in dict.fromkeys(node_reads(node))
+                                 if last.get(n) == index and n not in keep)
+            plan.append(step)
+        return plan
 
     # ------------------------------------------------------------------ public API
     @property
@@ -262,28 +263,24 @@ class Mirror(torch.nn.Module):
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise TypeError(f"missing model inputs: {missing}")
+        device = self._device()
         env: dict[str, Any] = {}
         for name in self.input_names:
             value = feeds[name]
             if not isinstance(value, torch.Tensor):
                 value = to_torch(np.asarray(value))
-            device = self._device()
             value = value.to(device)
             if value.is_floating_point():
                 value = value.to(self._float_target(value.dtype))
             env[name] = self._apply_hooks(name, value)
         for name, key in self._keys.items():
             env[name] = self._apply_hooks(name, self._params[key])
-        lookup_env = _Scope(env, self)
-        for index, node in enumerate(self._nodes):
-            outputs = self._run_node(node, lookup_env)
-            for out_name, value in zip(node.output, outputs, strict=False):
-                if out_name:
-                    env[out_name] = self._apply_hooks(out_name, value)
-            for name in node_reads(node):
-                if self._last_use.get(name) == index and name in env:
-                    del env[name]
-        return tuple(lookup_env[name] for name in self.output_names)
+        scope = _Scope(env, self)
+        for step in self._plan:
+            self._execute(step, scope, env, device)
+            for name in step.release:
+                env.pop(name, None)
+        return tuple(scope[name] for name in self.output_names)
 
     def run_numpy(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Convenience for parity checks: numpy in, numpy out, no autograd."""
@@ -297,7 +294,9 @@ class Mirror(torch.nn.Module):
 
     # ------------------------------------------------------------------ execution
     def _device(self) -> torch.device:
-        for tensor in list(self._params.values()) + list(self.buffers()):
+        for tensor in self._params.values():
+            return tensor.device
+        for tensor in self.buffers():
             return tensor.device
         return torch.device("cpu")
 
@@ -308,39 +307,59 @@ class Mirror(torch.nn.Module):
                 value = replaced
         return value
 
-    def _run_node(self, node: onnx.NodeProto, env: Mapping[str, Any]) -> list[Any]:
-        fn = lookup(node.op_type, node.domain)
-        assert fn is not None  # checked at construction
-        domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        ctx = OpContext(
-            opset=self._opsets.get(domain, self._opsets.get("ai.onnx", 1)),
-            dtype=self.compute_dtype,
-            device=self._device(),
-            node_name=node.name,
-            n_outputs=len(node.output),
-            run_subgraph=lambda graph: self._run_subgraph(graph, env),
-        )
-        inputs = [env[name] if name else None for name in node.input]
+    def _step(self, node: onnx.NodeProto) -> _Step:
+        """The node's function, attributes and opset, resolved once and reused every call."""
+        step = self._steps.get(id(node))
+        if step is None:
+            fn = lookup(node.op_type, node.domain)
+            assert fn is not None  # checked at construction
+            domain = "" if node.domain in ("", "ai.onnx") else node.domain
+            opset = self._opsets.get(domain, self._opsets.get("ai.onnx", 1))
+            step = _Step(node, fn, node_attributes(node), opset)
+            self._steps[id(node)] = step
+        return step
+
+    def _execute(self, step: _Step, scope: Mapping[str, Any], env: dict[str, Any],
+                 device: torch.device) -> None:
+        """Run one node, writing its (hooked) outputs into ``env``."""
+        node = step.node
+        ctx = OpContext(opset=step.opset, dtype=self.compute_dtype, device=device,
+                        node_name=node.name, n_outputs=len(node.output),
+                        run_subgraph=lambda graph: self._run_subgraph(graph, scope, device))
+        inputs = [scope[name] if name else None for name in node.input]
         try:
-            return as_list(fn(ctx, inputs, node_attributes(node)))
+            outputs = as_list(step.fn(ctx, inputs, step.attrs))
         except Exception as exc:  # add the node to whatever went wrong inside an op
             note = getattr(exc, "add_note", None)  # Python >= 3.11
             if note is not None:
                 note(f"while running {node.op_type} node {node.name or node.op_type!r}")
             raise
+        for out_name, value in zip(node.output, outputs, strict=False):
+            if out_name:
+                env[out_name] = self._apply_hooks(out_name, value)
 
-    def _run_subgraph(self, graph: onnx.GraphProto, outer: Mapping[str, Any]) -> list[Any]:
+    def _run_subgraph(self, graph: onnx.GraphProto, outer: Mapping[str, Any],
+                      device: torch.device) -> list[Any]:
         """Run an If branch (no formal inputs) with the outer scope visible."""
         local: dict[str, Any] = {}
         for init in graph.initializer:
-            local[init.name] = self._convert(numpy_helper.to_array(init)).to(self._device())
+            local[init.name] = self._convert(numpy_helper.to_array(init)).to(device)
         scope = _Scope(local, outer)
         for node in graph.node:
-            outputs = self._run_node(node, scope)
-            for out_name, value in zip(node.output, outputs, strict=False):
-                if out_name:
-                    local[out_name] = self._apply_hooks(out_name, value)
+            self._execute(self._step(node), scope, local, device)
         return [scope[o.name] for o in graph.output]
+
+
+@dataclass
+class _Step:
+    """A node ready to run: resolved op function, parsed attributes, its opset, and the
+    tensors that are dead after it (freed so activations do not pile up)."""
+
+    node: onnx.NodeProto
+    fn: Any
+    attrs: dict[str, Any]
+    opset: int
+    release: tuple[str, ...] = ()
 
 
 class _Scope(Mapping[str, Any]):
@@ -366,10 +385,6 @@ class _Scope(Mapping[str, Any]):
 
     def __len__(self) -> int:  # pragma: no cover
         return len(self._local)
-
-
-def as_tensors(values: Sequence[np.ndarray]) -> list[torch.Tensor]:
-    return [to_torch(v) for v in values]
 
 
 __all__ = ["Mirror", "HookHandle", "unsupported_op_types", "node_attributes", "torch_dtype"]
