@@ -90,6 +90,13 @@ class Dataset:
         for part in self.batch_slices(batch_size):
             yield self.labels[part]
 
+    def head(self, count: int) -> Dataset:
+        """The first ``count`` samples (e.g. a quick calibration subset)."""
+        part = slice(0, min(count, len(self)))
+        labels = None if self.labels is None else self.labels[part]
+        arrays = {spec.name: self._take(spec, part) for spec in self.specs}
+        return Dataset(self.source, self.specs, arrays, labels, list(self.notes))
+
     def _take(self, spec: InputSpec, part: slice) -> np.ndarray:
         array = self.arrays[spec.name]
         if spec.batch_axis is None:

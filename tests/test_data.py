@@ -201,3 +201,12 @@ def test_exporter_placeholder_dims_constrain_nothing(tmp_path: Path) -> None:
     dataset = load_npz(_save(tmp_path, x=data), model)
     assert dataset.fixed_batch is None
     assert [b["x"].shape for b in dataset.batches(2)] == [(2, 3, 6, 8)] * 2 + [(1, 3, 6, 8)]
+
+
+def test_head_takes_the_first_samples_with_their_labels(tmp_path: Path) -> None:
+    model = _model([("x", TensorProto.FLOAT, ["n", 3])])
+    x = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    head = load_npz(_save(tmp_path, x=x, labels=np.arange(5)), model).head(2)
+    assert len(head) == 2
+    np.testing.assert_array_equal(next(head.batches(8))["x"], x[:2])
+    np.testing.assert_array_equal(head.labels, [0, 1])
