@@ -25,7 +25,7 @@ import networkx as nx
 import onnx
 from onnx import TensorProto
 
-from hawq_onnx.mirror.module import subgraph_outer_inputs, topological_order
+from hawq_onnx.topology import subgraph_outer_inputs, topological_order
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "LSTM", "GRU", "RNN"})
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,

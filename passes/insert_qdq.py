@@ -28,7 +28,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hawq_onnx.graph import GraphView, QuantizableLayer
-from hawq_onnx.mirror.module import subgraph_outer_inputs
 from hawq_onnx.model_io import copy_model, iter_graphs
 from hawq_onnx.passes.base import PassReport
 from hawq_onnx.passes.qdq_placement import Placement
@@ -50,6 +49,7 @@ from hawq_onnx.quant.weights import (
     quantize_bias,
     quantize_weight,
 )
+from hawq_onnx.topology import subgraph_outer_inputs
 
 _BIAS_OPS = frozenset({"Conv", "Gemm"})
 

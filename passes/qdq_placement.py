@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from hawq_onnx.graph import CONTROL_FLOW_OPS, FLOAT_TYPES, GraphView, QuantizableLayer
-from hawq_onnx.mirror.module import topological_order
+from hawq_onnx.topology import topological_order
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: compute ops between activations that onnxruntime has integer kernels for.

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hawq_onnx.mirror.module import subgraph_outer_inputs
 from hawq_onnx.model_io import copy_model
 from hawq_onnx.passes.base import PassReport
+from hawq_onnx.topology import subgraph_outer_inputs
 
 MS_DOMAIN = "com.microsoft"
 _EIGHT_BIT = frozenset({TensorProto.INT8, TensorProto.UINT8})

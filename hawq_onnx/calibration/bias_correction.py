@@ -26,8 +26,8 @@ from hawq_onnx.calibration.collector import _with_outputs
 from hawq_onnx.calibration.session import make_session, session_options
 from hawq_onnx.data import Dataset
 from hawq_onnx.graph import QuantizableLayer, unique_node_names
-from hawq_onnx.mirror.module import topological_order
 from hawq_onnx.model_io import copy_model
+from hawq_onnx.topology import topological_order
 
 _CORRECTABLE = frozenset({"conv", "gemm"})
 
