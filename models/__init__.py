@@ -1,0 +1,1 @@
+"""Model zoo: scripts that train and export the committed ONNX models (see README.md)."""
