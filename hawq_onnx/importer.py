@@ -248,6 +248,40 @@ def _load_external(file: Path, refs: list[_ExternalRef]) -> None:
 
 # --------------------------------------------------------------------------- checks
 
+# Typed storage fields and how many entries one element takes (complex numbers take two).
+_TYPED_FIELDS: dict[int, tuple[str, int]] = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
+    TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1),
+    **{t: ("int32_data", 1) for t in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+                                      TensorProto.UINT16, TensorProto.UINT8, TensorProto.BOOL,
+                                      TensorProto.FLOAT16, TensorProto.BFLOAT16)},
+}
+
+
+def _check_tensor_sizes(file: Path, model: onnx.ModelProto) -> None:
+    """Every stored tensor must hold exactly as many values as its dims say. onnx's checker
+    does not look; numpy and onnxruntime would fail later with an unhelpful reshape error
+    (found by fuzzing: an initializer whose dims were cleared)."""
+    for tensor in iter_tensors(model):
+        if uses_external_data(tensor):
+            continue  # sizes of external data are checked when it is read
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        if tensor.HasField("raw_data"):
+            want = _expected_nbytes(tensor)
+            have, unit = len(tensor.raw_data), "bytes"
+        elif tensor.data_type in _TYPED_FIELDS:
+            name, per_element = _TYPED_FIELDS[tensor.data_type]
+            have, want, unit = len(getattr(tensor, name)), count * per_element, "values"
+        else:
+            continue
+        if want is not None and have != want:
+            raise InvalidModelError(
+                f"{file}: tensor '{tensor.name}' holds {have} {unit} but its shape "
+                f"{list(tensor.dims)} needs {want}")
+
+
 
 def _check(file: Path, model: onnx.ModelProto) -> None:
     """The structural checker, after external data is loaded (onnx's checker would look for
@@ -363,6 +397,7 @@ def load_model(path: str | os.PathLike[str], *, normalize: bool = True) -> Impor
     del data
     refs = _validate_external(file, model)
     _load_external(file, refs)
+    _check_tensor_sizes(file, model)
     _check(file, model)
     imported = ImportedModel(model=model, path=file, original_opset=default_opset(model),
                              original_ir_version=model.ir_version, sha256=digest,

@@ -125,6 +125,20 @@ def _run_reference(session: ort.InferenceSession, names: list[str],
                                + (text[0] if text else type(exc).__name__)) from exc
 
 
+def check_reference_runs(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                         where: str) -> None:
+    """onnxruntime must run ``model`` on one batch of the data before anything else does.
+
+    Why: the mirror and the Hessian code assume a model that runs; when the reference runtime
+    itself refuses (a weight rewired to an activation, shapes only the graph constrains),
+    that is bad input and gets a one-line error, while a failure that only the mirror shows
+    stays what it is, a bug."""
+    from hawq_onnx.calibration.session import make_session, run_session, session_options
+
+    session = make_session(model, session_options(threads=1, level="basic"))
+    run_session(session, None, feeds, where)
+
+
 def check_parity(
     model: onnx.ModelProto,
     dataset: Dataset,

@@ -30,20 +30,43 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
 
 def topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Nodes in an order where every producer precedes its consumers (exporters do not
-    always emit sorted graphs); raises ValueError on a cycle or a dangling input."""
+    always emit sorted graphs); raises ValueError on a cycle or a dangling input.
+
+    The order is by waves: wave k holds, in graph order, the nodes whose reads are all
+    available once waves < k have run. Computed with per-tensor waiting lists (Kahn's
+    algorithm), so it is linear in the graph size: a 20,000-node chain must not take
+    20,000 scans of the pending nodes.
+    """
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        ready = [n for n in pending if all(r in available for r in node_reads(n))]
-        if not ready:
-            missing = sorted({r for n in pending for r in node_reads(n) if r not in available
-                              and not any(r in p.output for p in pending)})
-            detail = f"tensors produced by nothing: {missing}" if missing else "a cycle"
-            raise ValueError(f"graph cannot be ordered: {detail}")
-        ready_ids = {id(n) for n in ready}
-        ordered.extend(ready)
-        for node in ready:
-            available.update(node.output)
-        pending = [n for n in pending if id(n) not in ready_ids]
-    return ordered
+    nodes = list(graph.node)
+    missing_reads = [{r for r in node_reads(node) if r not in available} for node in nodes]
+    waiting: dict[str, list[int]] = {}
+    for index, reads in enumerate(missing_reads):
+        for name in reads:
+            waiting.setdefault(name, []).append(index)
+    unmet = [len(reads) for reads in missing_reads]
+    wave = [index for index, count in enumerate(unmet) if count == 0]
+    ordered: list[int] = []
+    while wave:
+        ordered.extend(wave)
+        following: list[int] = []
+        for index in wave:
+            for name in nodes[index].output:
+                for reader in waiting.pop(name, ()):  # pop: a second producer changes nothing
+                    unmet[reader] -= 1
+                    if unmet[reader] == 0:
+                        following.append(reader)
+        wave = sorted(following)
+    if len(ordered) < len(nodes):
+        raise ValueError(f"graph cannot be ordered: {_unorderable(nodes, ordered, waiting)}")
+    return [nodes[index] for index in ordered]
+
+
+def _unorderable(nodes: list[onnx.NodeProto], ordered: list[int],
+                 waiting: dict[str, list[int]]) -> str:
+    """Why some nodes never became ready: dangling inputs, else a cycle."""
+    done = set(ordered)
+    pending_outputs = {name for i, node in enumerate(nodes) if i not in done
+                       for name in node.output}
+    missing = sorted(name for name in waiting if name not in pending_outputs)
+    return f"tensors produced by nothing: {missing}" if missing else "a cycle"

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from hawq_onnx.calibration.session import make_session, session_options
+from hawq_onnx.calibration.session import make_session, run_session, session_options
 from hawq_onnx.data import LABELS_KEY, Dataset, load_npz
 from hawq_onnx.errors import HawqError, InvalidDataError, InvalidModelError
 from hawq_onnx.importer import load_model
@@ -185,8 +185,8 @@ def evaluate(float_path: str | os.PathLike[str], quant_path: str | os.PathLike[s
         if max_samples is not None and seen >= max_samples:
             break
         first_feeds = first_feeds or feeds
-        floats = float_session.run(names, feeds)
-        quants = quant_session.run(names, feeds)
+        floats = run_session(float_session, names, feeds, str(eval_path))
+        quants = run_session(quant_session, names, feeds, str(eval_path))
         acc.add_outputs(floats, quants)
         acc.add_predictions(floats[0], quants[0], None if labels is None else labels[part])
         seen += part.stop - part.start

@@ -255,6 +255,8 @@ class InsertQDQ:
                           report: PassReport) -> dict[str, QuantizedWeight]:
         done: dict[str, QuantizedWeight] = {}
         inits = {t.name: t for t in model.graph.initializer}
+        captured = _subgraph_captures(model)  # once: per weight it made big graphs quadratic
+        replaced: set[str] = set()
         for weight, layers in self._weight_layers().items():
             tensor = inits.get(weight)
             spec = self.plan.weights[weight]
@@ -266,10 +268,12 @@ class InsertQDQ:
             array = _float_array(tensor)
             qw = self.quantize_array(view, layers, array, spec, params)
             width = self._container(spec.bits, layers, params, report)
-            self._emit_weight(model, view, names, weight, qw, width, head)
+            if self._emit_weight(model, view, names, weight, qw, width, head, captured):
+                replaced.add(weight)
             done[weight] = qw
             self._record_weight(weight, layers, array, qw, width)
             report.changed += 1
+        _remove_initializers(model, replaced)
         return done
 
     def quantize_array(self, view: GraphView, layers: list[QuantizableLayer], array: np.ndarray,
@@ -296,7 +300,10 @@ class InsertQDQ:
         return width
 
     def _emit_weight(self, model: onnx.ModelProto, view: GraphView, names: _Names, weight: str,
-                     qw: QuantizedWeight, width: int, head: list[onnx.NodeProto]) -> None:
+                     qw: QuantizedWeight, width: int, head: list[onnx.NodeProto],
+                     captured: set[str]) -> bool:
+        """Add the weight's integer tensors and DQ node; True when the DQ output takes the
+        float initializer's name (the caller removes those initializers in one pass)."""
         elem = container_type(width, True)
         self.record.opset_needed = max(self.record.opset_needed, required_opset(width),
                                        21 if qw.block_size else 13)
@@ -313,19 +320,18 @@ class InsertQDQ:
             attrs["axis"] = qw.axis
         if qw.block_size is not None:
             attrs["block_size"] = qw.block_size
-        output = self._weight_output(model, view, names, weight)
-        if output == weight:  # the DQ now produces that name: the float tensor must go
-            _remove_initializer(model, weight)
+        output = self._weight_output(model, view, names, weight, captured)
         head.append(helper.make_node("DequantizeLinear", [q_name, scale_name, zp_name],
                                      [output], name=names.fresh(f"{weight}_DQ"), **attrs))
+        return output == weight  # the DQ now produces that name: the float tensor must go
 
     def _weight_output(self, model: onnx.ModelProto, view: GraphView, names: _Names,
-                       weight: str) -> str:
+                       weight: str, captured: set[str]) -> str:
         """The DQ output name: the weight's own name when every reader may see the
         quantized values, else a new name wired only into the readers that may."""
         floats = set(self.placement.float_nodes)
         readers = [view.node_name(n) for n in view.consumers(weight)]
-        if not any(r in floats for r in readers) and not _read_by_subgraph(model, weight):
+        if not any(r in floats for r in readers) and weight not in captured:
             return weight
         output = names.fresh(f"{weight}_dequantized")
         for node in model.graph.node:
@@ -449,17 +455,21 @@ def _expected_axis(layer: QuantizableLayer) -> int:
     return layer.weight_axis_out if layer.weight_axis_out is not None else 0
 
 
-def _remove_initializer(model: onnx.ModelProto, name: str) -> None:
-    kept = [t for t in model.graph.initializer if t.name != name]
+def _remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    """Drop these initializers (and graph inputs of the same names) in one pass."""
+    if not names:
+        return
+    kept = [t for t in model.graph.initializer if t.name not in names]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    inputs = [v for v in model.graph.input if v.name != name]
+    inputs = [v for v in model.graph.input if v.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
 
 
-def _read_by_subgraph(model: onnx.ModelProto, tensor: str) -> bool:
-    return any(tensor in subgraph_outer_inputs(node) for node in model.graph.node)
+def _subgraph_captures(model: onnx.ModelProto) -> set[str]:
+    """Every outer-scope name the main graph's If/Loop/Scan bodies read."""
+    return {name for node in model.graph.node for name in subgraph_outer_inputs(node)}
 
 
 def weights_in(placement: Placement, plan: QuantPlan) -> Iterable[str]:

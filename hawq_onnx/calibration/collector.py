@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from hawq_onnx.calibration.histogram import DEFAULT_BINS, StreamingHistogram
-from hawq_onnx.calibration.session import make_session, session_options
+from hawq_onnx.calibration.session import make_session, run_session, session_options
 from hawq_onnx.data import Dataset
 from hawq_onnx.model_io import copy_model
 from hawq_onnx.progress import progress
@@ -79,7 +79,8 @@ def collect_statistics(model: onnx.ModelProto, tensors: Sequence[str], dataset: 
                 histograms[name].update(feeds[name])
         if session is not None:
             for names in _chunks(computed, max_tensors_per_run):
-                for name, value in zip(names, session.run(names, feeds), strict=True):
+                values = run_session(session, names, feeds, str(dataset.source))
+                for name, value in zip(names, values, strict=True):
                     if np.issubdtype(np.asarray(value).dtype, np.floating):
                         histograms[name].update(value)
         stats.batches += 1

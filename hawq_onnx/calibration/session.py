@@ -10,9 +10,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
+from hawq_onnx.errors import HawqError, InvalidDataError, InvalidModelError
 from hawq_onnx.model_io import is_too_big_for_protobuf, required_ir_version, save_model
 
 
@@ -39,7 +41,33 @@ def session_options(*, threads: int | None = None, level: str = "all",
 def make_session(model: onnx.ModelProto | str | Path,
                  options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """A CPU session for a model object or a file path."""
-    options = options or session_options()
+    try:
+        return _make_session(model, options or session_options())
+    except HawqError:
+        raise
+    except Exception as exc:  # onnxruntime's exception types are not importable API
+        raise InvalidModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") \
+            from exc
+
+
+def run_session(session: ort.InferenceSession, names: list[str] | None,
+                feeds: dict[str, np.ndarray], where: str) -> list[np.ndarray]:
+    """``session.run`` on user data; onnxruntime failing there (shapes only the graph
+    constrains, a graph that is wrong only at run time) is one line naming the data."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # onnxruntime's exception types are not importable API
+        raise InvalidDataError(f"{where}: onnxruntime cannot run the model on it: "
+                               f"{_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _make_session(model: onnx.ModelProto | str | Path,
+                  options: ort.SessionOptions) -> ort.InferenceSession:
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, Path)):
         return ort.InferenceSession(str(model), options, providers=providers)
@@ -60,4 +88,4 @@ def _with_ir(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-__all__ = ["make_session", "session_options"]
+__all__ = ["make_session", "run_session", "session_options"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 from hawq_onnx.quant.plan import CALIB_METHODS, DEFAULT_CALIB_METHOD, WEIGHT_BITS
 from hawq_onnx.quantize import QuantizeOptions, quantize
+from hawq_onnx.recipe import provenance
+from hawq_onnx.report_html import write_html
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -36,6 +39,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="labels array in EVAL.npz (default: labels)")
     parser.add_argument("--report", type=Path, metavar="report.json",
                         help="write the JSON report here")
+    parser.add_argument("--report-html", type=Path, metavar="report.html",
+                        help="write a self-contained HTML report (charts, metrics) here")
+    add_mixed_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -165,12 +171,228 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if mixed_requested(args):
+        return run_mixed(args)
     result = quantize(args.model, args.output, args.calib, options_from_args(args),
                       eval_path=args.eval, labels_key=args.labels_key)
+    result.report["build"] = provenance(args)  # recipe, input hashes, tool versions
+    args.json_summary = result.report
     if args.report is not None:
         write_json(args.report, result.report)
+    if args.report_html is not None:
+        write_html(args.report_html, result.report)
     for line in summary_lines(result.report, args.output):
         print(line)
     for note in result.report.get("notes", [])[:10]:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- mixed precision
+#: binary multiples, as the allocator's messages print them (1 KB = 1024 B).
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "k": 1024, "mb": 1024**2,
+               "mib": 1024**2, "m": 1024**2, "gb": 1024**3, "gib": 1024**3, "g": 1024**3}
+_COUNT_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_TIME_UNITS = {"": 1e-3, "ms": 1e-3, "s": 1.0, "us": 1e-6, "µs": 1e-6}
+_NUMBER = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*")
+MIXED_BUDGETS = ("avg_weight_bits", "size_budget", "bops_budget", "latency_budget", "max_drop")
+_MINIMIZE = {"size": "size_bytes", "avg-bits": "avg_weight_bits", "bops": "bops",
+             "latency": "latency"}
+
+
+def _with_unit(text: str, units: dict[str, float], what: str) -> float:
+    match = _NUMBER.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in units or float(match.group(1)) <= 0:
+        known = ", ".join(sorted(u for u in units if u)) or "none"
+        raise argparse.ArgumentTypeError(f"expected a positive {what} (units: {known}), "
+                                         f"got '{text}'")
+    return float(match.group(1)) * units[unit]
+
+
+def _size(text: str) -> float:
+    return _with_unit(text, _SIZE_UNITS, "size like 1.5MB")
+
+
+def _bops(text: str) -> float:
+    return _with_unit(text, _COUNT_UNITS, "BOPs count like 2.5G")
+
+
+def _latency(text: str) -> float:
+    return _with_unit(text, _TIME_UNITS, "latency like 0.8ms")
+
+
+def _avg_bits(text: str) -> float:
+    return _with_unit(text, {"": 1.0}, "number of bits")
+
+
+def _drop(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] (0.01 = one "
+                                         f"point), got '{text}'")
+    return value
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        values = ()
+    if not values or any(v not in WEIGHT_BITS for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths from {WEIGHT_BITS}, "
+                                         f"got '{text}'")
+    return values
+
+
+def _pin(text: str) -> tuple[str, int]:
+    name, sep, bits = text.rpartition("=")
+    if not sep or not name or not bits.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=BITS, got '{text}'")
+    return name, int(bits)
+
+
+def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Mixed precision: one budget (or an accuracy target) turns it on."""
+    group = parser.add_argument_group(
+        "mixed precision", "per-layer weight widths chosen by an exact ILP over Hessian "
+        "sensitivities (plus inter-layer corrections); give one budget or --max-drop")
+    group.add_argument("--candidate-bits", type=_bits_list, metavar="B,B,...",
+                       help="widths a layer may take (default 2,3,4,6,8)")
+    group.add_argument("--avg-weight-bits", type=_avg_bits, metavar="BITS",
+                       help="parameter-weighted average weight width (float weights count 32)")
+    group.add_argument("--size-budget", type=_size, metavar="SIZE",
+                       help="model file size, e.g. 1.5MB (B, KB, MB; 1 KB = 1024 B)")
+    group.add_argument("--bops-budget", type=_bops, metavar="BOPS",
+                       help="bit operations MACs*b_w*b_a per sample, e.g. 2.5G (K, M, G, T)")
+    group.add_argument("--latency-budget", type=_latency, metavar="TIME",
+                       help="summed per-layer onnxruntime latency, e.g. 0.8ms (s, ms, us; "
+                            "measured once per machine and cached)")
+    group.add_argument("--max-drop", type=_drop, metavar="X",
+                       help="accuracy target: the smallest model whose measured drop on "
+                            "--eval is <= X (exit 1, model still written, when none is)")
+    group.add_argument("--minimize", choices=tuple(_MINIMIZE), default="size",
+                       help="what --max-drop makes smallest (default size)")
+    group.add_argument("--no-interactions", dest="interactions", action="store_const",
+                       const="none", default="both",
+                       help="Hessian traces only (HAWQ-V2), no inter-layer corrections")
+    group.add_argument("--interactions", dest="interactions",
+                       choices=("hessian", "measured", "both"), default="both",
+                       help="corrections: Hessian cross terms, measured neighbour "
+                            "interactions, or both (default)")
+    group.add_argument("--hops", type=_positive_int, default=1, metavar="K",
+                       help="measure interactions of layers within K hops (default 1)")
+    group.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=BITS",
+                       help="fix a weight's (or layer node's) width (repeatable)")
+    group.add_argument("--pin-first-last", type=int, metavar="BITS",
+                       help="fix the first and last weighted layers' width (HAWQ-V3: 8)")
+    group.add_argument("--analysis-samples", type=_positive_int, default=256, metavar="N",
+                       help="calibration samples for the Hessian and interactions (default "
+                            "256); the next --holdout-samples judge the predictions")
+    group.add_argument("--holdout-samples", type=_positive_int, default=256, metavar="N",
+                       help="held-out calibration samples (default 256)")
+    group.add_argument("--max-probes", type=_positive_int, default=64, metavar="N",
+                       help="Hutchinson probes at most (default 64)")
+    group.add_argument("--eval-configs", type=int, default=50, metavar="N",
+                       help="random configurations for the Spearman check (default 50; 0 "
+                            "skips it)")
+    group.add_argument("--pareto-plot", type=Path, metavar="FILE.png",
+                       help="plot the predicted and measured Pareto front (needs matplotlib)")
+    group.add_argument("--cache-dir", type=Path, metavar="DIR",
+                       help="analysis and latency cache (default: $HAWQ_ONNX_CACHE_DIR or "
+                            "~/.cache/hawq-onnx)")
+    group.add_argument("--no-cache", action="store_true",
+                       help="neither read nor write the analysis/latency cache")
+
+
+def mixed_requested(args: argparse.Namespace) -> bool:
+    """Mixed precision runs when a budget or an accuracy target is given; its other options
+    alone are a usage error (they would be silently ignored)."""
+    if any(getattr(args, name, None) is not None for name in MIXED_BUDGETS):
+        return True
+    alone = [flag for flag, given in (
+        ("--candidate-bits", args.candidate_bits is not None), ("--pin", bool(args.pin)),
+        ("--pin-first-last", args.pin_first_last is not None),
+        ("--pareto-plot", args.pareto_plot is not None),
+        ("--interactions", args.interactions != "both")) if given]
+    if alone:
+        from hawq_onnx.errors import HawqError
+
+        raise HawqError(f"{alone[0]} needs a mixed-precision budget (--avg-weight-bits, "
+                        "--size-budget, --bops-budget, --latency-budget) or --max-drop")
+    return False
+
+
+def mixed_options_from_args(args: argparse.Namespace) -> Any:
+    from hawq_onnx.mixed.pipeline import MixedOptions
+
+    return MixedOptions(
+        candidate_bits=args.candidate_bits or (2, 3, 4, 6, 8),
+        avg_weight_bits=args.avg_weight_bits, size_budget=args.size_budget,
+        bops_budget=args.bops_budget, latency_budget=args.latency_budget,
+        max_drop=args.max_drop, minimize=_MINIMIZE[args.minimize],
+        interactions=args.interactions, hops=args.hops, pins=tuple(args.pin),
+        pin_first_last=args.pin_first_last, analysis_samples=args.analysis_samples,
+        holdout_samples=args.holdout_samples, max_probes=args.max_probes,
+        min_probes=min(16, args.max_probes), eval_configs=args.eval_configs,
+        use_cache=not args.no_cache,
+        cache_dir=None if args.cache_dir is None else str(args.cache_dir))
+
+
+def mixed_summary_lines(mixed: dict[str, Any]) -> list[str]:
+    totals = mixed["totals"]
+    widths = " ".join(str(u["bits"]) for u in mixed["units"])
+    lines = [f"mixed precision ({mixed['loss_model']} loss model): widths {widths}; "
+             f"average weight bits {totals['avg_weight_bits']}; predicted dL "
+             f"{totals['predicted_dl']}, measured dL {totals['measured_dl']} (held out)"]
+    spearman = mixed.get("spearman")
+    if spearman:
+        parts = ", ".join(f"{k} {v}" for k, v in spearman["spearman"].items())
+        lines.append(f"Spearman predicted vs measured dL over {spearman['configs']} random "
+                     f"configurations: {parts}")
+    target = mixed.get("target")
+    if target:
+        verdict = "met" if target["met"] else "MISSED"
+        lines.append(f"accuracy target: drop {target['drop']:.4f} vs max {target['max_drop']} "
+                     f"{verdict} ({target['evaluations']} of {target['frontier_points']} "
+                     "frontier points measured)")
+    return lines
+
+
+def run_mixed(args: argparse.Namespace) -> int:
+    """Mixed-precision quantization; 1 when an accuracy target is missed (model written)."""
+    from hawq_onnx.errors import HawqError
+    from hawq_onnx.mixed.pipeline import quantize_mixed, write_pareto_plot
+
+    if args.calib is None:
+        raise HawqError("mixed precision needs --calib (the Hessian analysis runs on it)")
+    if args.pareto_plot is not None:
+        from hawq_onnx.hessian.plots import require_matplotlib
+
+        require_matplotlib()  # fail before the slow part, not after it
+    say = (lambda message: print(f"... {message}", file=sys.stderr)) if args.verbose else None
+    result = quantize_mixed(args.model, args.output, args.calib, options_from_args(args),
+                            mixed_options_from_args(args), eval_path=args.eval,
+                            labels_key=args.labels_key, progress=say)
+    result.report["build"] = provenance(args)
+    args.json_summary = result.report
+    if args.report is not None:
+        write_json(args.report, result.report)
+    if args.report_html is not None:
+        write_html(args.report_html, result.report)
+    if args.pareto_plot is not None:
+        write_pareto_plot(args.pareto_plot, result.report["mixed"])
+    for line in summary_lines(result.report, args.output) + mixed_summary_lines(
+            result.report["mixed"]):
+        print(line)
+    for note in result.report.get("notes", [])[:10]:
+        print(f"note: {note}", file=sys.stderr)
+    if result.target_met is False:
+        print(f"hawq-onnx: accuracy target missed: even the most precise candidate drops "
+              f"{result.report['mixed']['target']['drop']:.4f} > {args.max_drop}; the best "
+              f"model found was written to {args.output}", file=sys.stderr)
+        return 1
     return 0

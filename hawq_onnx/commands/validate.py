@@ -13,6 +13,7 @@ from typing import Any
 
 from hawq_onnx.commands.quantize import format_metrics, write_json
 from hawq_onnx.errors import GateFailedError
+from hawq_onnx.recipe import provenance
 from hawq_onnx.validate import evaluate
 
 
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     payload["max_drop"] = args.max_drop
     passed = args.max_drop is None or metrics.drop <= args.max_drop + 1e-12
     payload["passed"] = passed
+    payload["build"] = provenance(args)  # recipe, input hashes, tool versions
+    args.json_summary = payload
     if args.report is not None:
         write_json(args.report, payload)
     print(f"{metrics.samples} samples; {format_metrics(payload)}; size "

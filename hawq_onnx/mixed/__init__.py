@@ -1,0 +1,14 @@
+"""Mixed-precision allocation: sensitivity tables, cost tables, ties/pins and the exact ILP."""
+
+from hawq_onnx.mixed.ilp import pareto_front, solve
+from hawq_onnx.mixed.problem import (
+    Allocation,
+    AllocationProblem,
+    AllocationProblemError,
+    Budget,
+    InfeasibleBudgetError,
+    LayerChoice,
+)
+
+__all__ = ["Allocation", "AllocationProblem", "AllocationProblemError", "Budget",
+           "InfeasibleBudgetError", "LayerChoice", "pareto_front", "solve"]
