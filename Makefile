@@ -94,10 +94,14 @@ report-screenshot: setup
 	$(VENV)/bin/hawq-onnx quantize $(DEMO_MODEL) -o $(REPORT_DIR)/quant.onnx \
 	  --calib models/fashion_calib.npz --eval $(DEMO_DATA) --report $(REPORT_DIR)/quantize.json \
 	  --report-html $(REPORT_DIR)/quantize.html
+	$(VENV)/bin/hawq-onnx quantize $(DEMO_MODEL) -o $(REPORT_DIR)/mixed.onnx \
+	  --calib models/fashion_calib.npz --avg-weight-bits 4 --analysis-samples 64 \
+	  --holdout-samples 64 --max-probes 16 --eval-configs 4 --no-interactions \
+	  --cache-dir $(REPORT_DIR)/cache --report-html $(REPORT_DIR)/mixed.html
 	$(VENV)/bin/hawq-onnx analyze $(DEMO_MODEL) --calib models/fashion_calib.npz \
 	  --max-samples 64 --max-probes 32 --cache-dir $(REPORT_DIR)/cache \
 	  --report-html $(REPORT_DIR)/analyze.html
-	for page in quantize analyze; do \
+	for page in quantize mixed analyze; do \
 	  $(CHROMIUM) $(CHROMIUM_FLAGS) --user-data-dir=$(CURDIR)/$(REPORT_DIR)/chromium-profile \
 	    --screenshot=$(CURDIR)/$(REPORT_DIR)/$$page.png \
 	    file://$(CURDIR)/$(REPORT_DIR)/$$page.html 2>/dev/null || exit 1; \

@@ -266,20 +266,42 @@ def trace_chart(report: Mapping[str, Any]) -> str:
     return frame.svg(parts, "per-layer Hessian trace") + note
 
 
-_X_KEYS = ("size_bytes", "bytes", "avg_weight_bits", "bops", "latency", "latency_ms")
-_Y_KEYS = ("objective", "predicted_loss", "predicted_delta_loss", "omega", "loss")
-_MEASURED_KEYS = ("measured_drop", "measured_delta_loss", "measured_loss", "drop")
+_X_KEYS = ("size_bytes", "bytes", "avg_weight_bits", "bops", "latency_s", "latency",
+           "latency_ms")
+_Y_KEYS = ("predicted_dl", "objective", "predicted_loss", "predicted_delta_loss", "omega",
+           "loss")
+_MEASURED_KEYS = ("measured_dl", "measured_drop", "measured_delta_loss", "measured_loss",
+                  "drop")
+_METRIC_KEYS = {"latency": "latency_s"}  # the budget metric -> its field in a point
+
+
+def _mixed(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    mixed = report.get("mixed")
+    return mixed if isinstance(mixed, Mapping) else {}
 
 
 def _pareto_points(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], str | None]:
-    front = report.get("pareto", report.get("pareto_front"))
+    """The front's points and budget metric: ``report["pareto"]`` or the mixed-precision
+    section's ``mixed.pareto`` ({"metric", "points"})."""
+    front = report.get("pareto", report.get("pareto_front", _mixed(report).get("pareto")))
     metric = None
     if isinstance(front, Mapping):
         metric = front.get("metric") if isinstance(front.get("metric"), str) else None
         front = front.get("points", front.get("front"))
     if not isinstance(front, list):
         return [], None
+    metric = _METRIC_KEYS.get(metric, metric) if metric else None
     return [p for p in front if isinstance(p, Mapping)], metric
+
+
+def _chosen(report: Mapping[str, Any], point: Mapping[str, Any]) -> bool:
+    """Marked chosen, or the same widths as the allocation the build wrote."""
+    if point.get("chosen") or point.get("selected"):
+        return True
+    units = _mixed(report).get("units")
+    if not isinstance(units, list) or not isinstance(point.get("bits"), list):
+        return False
+    return [u.get("bits") for u in units if isinstance(u, Mapping)] == point["bits"]
 
 
 def _first_key(points: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str | None:
@@ -302,11 +324,16 @@ def pareto_chart(report: Mapping[str, Any]) -> str:
         ys += [float(p[measured_key]) for p in usable if _num(p.get(measured_key)) is not None]
     xs = [float(p[x_key]) for p in usable]
     pad_x = (max(xs) - min(xs)) * 0.05 or 1.0
-    y_ticks = _nice_ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
-    frame = _Frame((min(xs) - pad_x, max(xs) + pad_x), (y_ticks[0], y_ticks[-1]))
+    y_log = min(ys) > 0 and max(ys) / min(ys) > 50  # loss increases span decades
+    if y_log:
+        low, high = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+        y_ticks = [10.0 ** e for e in range(low, max(high, low + 1) + 1)]
+    else:
+        y_ticks = _nice_ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
+    frame = _Frame((min(xs) - pad_x, max(xs) + pad_x), (y_ticks[0], y_ticks[-1]), y_log=y_log)
     x_text = _bytes if "bytes" in x_key else (lambda v: f"{v:.4g}")
-    parts = frame.axes(y_ticks, f"{y_key} (lower is better)", x_key.replace("_", " "),
-                       lambda v: f"{v:.3g}")
+    parts = frame.axes(y_ticks, f"{y_key}{' (log)' if y_log else ''}, lower is better",
+                       x_key.replace("_", " "), lambda v: f"{v:.3g}")
     for tick in _nice_ticks(min(xs) - pad_x, max(xs) + pad_x, 8):
         if frame.x0 <= tick <= frame.x1:
             parts.append(f'<text x="{frame.x(tick):.1f}" y="{frame.top + frame.inner_h + 16}" '
@@ -316,8 +343,11 @@ def pareto_chart(report: Mapping[str, Any]) -> str:
     parts.append(f'<path d="{path}" fill="none" stroke="#4393c3" stroke-width="1.5"/>')
     for p in usable:
         px, py = frame.x(float(p[x_key])), frame.y(float(p[y_key]))
-        tip = ", ".join(f"{k} {_fmt(p[k])}" for k in (x_key, y_key, measured_key, "avg_weight_bits")
+        keys = (x_key, y_key, measured_key, "avg_weight_bits", "drop")
+        tip = ", ".join(f"{k} {_fmt(p[k])}" for k in dict.fromkeys(keys)
                         if k and _num(p.get(k)) is not None)
+        if isinstance(p.get("bits"), list):
+            tip += f"; widths {' '.join(str(b) for b in p['bits'])}"
         parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="#4393c3">'
                      f"<title>{_e(tip)}</title></circle>")
         if measured_key and _num(p.get(measured_key)) is not None:
@@ -325,7 +355,7 @@ def pareto_chart(report: Mapping[str, Any]) -> str:
             parts.append(f'<rect x="{px - 4:.1f}" y="{my - 4:.1f}" width="8" height="8" '
                          f'fill="#d6604d"><title>measured {_e(_fmt(p[measured_key]))}</title>'
                          "</rect>")
-        if p.get("chosen") or p.get("selected"):
+        if _chosen(report, p):
             parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="9" fill="none" '
                          'stroke="#111" stroke-width="2"><title>chosen</title></circle>')
     legend = '<span><i style="background:#4393c3"></i>predicted</span>'
@@ -359,6 +389,27 @@ def _cards(report: Mapping[str, Any]) -> str:
     return '<div class="cards">' + "".join(
         f'<div class="card"><b>{value}</b><span>{_e(label)}</span></div>'
         for value, label in cards) + "</div>"
+
+
+def mixed_section(report: Mapping[str, Any]) -> str:
+    """What the mixed-precision search was asked for and what it chose."""
+    mixed = _mixed(report)
+    if not mixed:
+        return ""
+    request = mixed.get("request") if isinstance(mixed.get("request"), Mapping) else {}
+    totals = mixed.get("totals") if isinstance(mixed.get("totals"), Mapping) else {}
+    rows = [("candidate bits", ", ".join(str(b) for b in mixed.get("candidate_bits") or [])),
+            ("loss model", mixed.get("loss_model")), ("solver status", mixed.get("status"))]
+    rows += [(f"requested {k.replace('_', ' ')}", v) for k, v in request.items()
+             if v not in (None, False)]
+    rows += [(k.replace("_", " "), _bytes(v) if k.endswith("bytes") else _fmt(v))
+             for k, v in totals.items() if v is not None]
+    spearman = mixed.get("spearman")
+    if isinstance(spearman, Mapping):
+        rows += [(f"Spearman ({k})", _fmt(v)) for k, v in spearman.items() if _num(v) is not None]
+    body = "".join(f"<tr><td>{_e(k)}</td><td class=n>{_e(v)}</td></tr>" for k, v in rows
+                   if v not in (None, ""))
+    return f"<h2>Mixed precision</h2><table>{body}</table>"
 
 
 _METRIC_ROWS = (("top-1 accuracy", "top1_float", "top1_quant", _pct),
@@ -477,6 +528,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         sections.append(("Pareto front", pareto_chart(report)))
     sections += [("Layers", layer_table(report)), ("Build", build_section(report))]
     body = "".join(f"<h2>{_e(name)}</h2>{content}" for name, content in sections)
+    body = body.replace("<h2>Bit width per layer</h2>",
+                        mixed_section(report) + "<h2>Bit width per layer</h2>", 1)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{_e(title)}</h1><p class=\"sub\">{_e(detail)}</p>{body}{_notes(report)}"

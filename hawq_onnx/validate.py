@@ -97,6 +97,9 @@ class _Accumulator:
         self.agree += int(np.sum(pred_f == pred_q))
         self.count += int(pred_f.size)
         if labels is not None:
+            if labels.size != pred_f.size:  # found by fuzzing: reshape raised ValueError
+                raise HawqError(f"the model's first output gives {pred_f.size} predictions "
+                                f"for a batch with {labels.size} labels; cannot score top-1")
             labels = labels.reshape(pred_f.shape)
             self.correct_float += int(np.sum(pred_f == labels))
             self.correct_quant += int(np.sum(pred_q == labels))

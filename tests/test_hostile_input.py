@@ -27,6 +27,7 @@ from hawq_onnx import model_io
 from hawq_onnx.cli import main
 from hawq_onnx.importer import load_model
 from hawq_onnx.model_io import model_sha256, save_model
+from tests.conftest import MODELS
 from tests.tiny_models import IR_VERSION, chain_model, mlp_model, save_data, save_mlp
 
 
@@ -40,8 +41,10 @@ def _cli_out(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, st
     """(exit code, stdout, stderr); a failure must be one clean line on stderr."""
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
-    if code != 0:
-        assert err.count("\n") == 1 and err.startswith("hawq-onnx: "), err
+    if code != 0:  # notes ("note: ...") may come first; the error is one last line
+        lines = err.splitlines()
+        assert lines and lines[-1].startswith("hawq-onnx: "), err
+        assert all(line.startswith("note: ") for line in lines[:-1]), err
         assert "Traceback" not in err and "internal error" not in err, err
     return code, out, err
 
@@ -86,7 +89,15 @@ def _dangling_input(path: Path) -> None:
     onnx.save(model, path)
 
 
+def _wrong_tensor_size(path: Path) -> None:
+    """Found by fuzzing: dims that disagree with the stored bytes (numpy's reshape crashed)."""
+    model = mlp_model()
+    del model.graph.initializer[1].dims[:]  # b1 keeps 16 floats but claims to be a scalar
+    onnx.save(model, path)
+
+
 @pytest.mark.parametrize(("make", "message"), [
+    (_wrong_tensor_size, "tensor 'b1' holds 64 bytes but its shape [] needs 4"),
     (_text, "not an ONNX model or truncated"),
     (_truncated, "not an ONNX model or truncated"),
     (_corrupted, "not an ONNX model or truncated"),
@@ -136,6 +147,18 @@ def _zero_bytes(path: Path) -> Path:
     return path
 
 
+def _bad_npy_header(path: Path) -> Path:
+    """Found by fuzzing: a damaged .npy header inside the archive reached numpy's tokenizer,
+    whose TokenError escaped as an internal error."""
+    import zipfile
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), "  # unterminated
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", npy + bytes(128))
+    return path
+
+
 def _not_zip(path: Path) -> Path:
     path.write_bytes(b"PK\x03\x04 garbage that only looks like a zip")
     return path
@@ -153,6 +176,7 @@ _DATA_CASES = [
     (_pickled, "holds Python objects (pickled data), which is never loaded"),
     (_zero_bytes, "not a readable .npz archive"),
     (_not_zip, "not a readable .npz archive"),
+    (_bad_npy_header, "array 'x' is unreadable"),
 ]
 
 
@@ -187,6 +211,67 @@ def test_out_of_range_labels_are_a_data_error(work: Path,
     code, err = _cli(capsys, "analyze", work / "mlp.onnx", "--calib", data, "--labels-key",
                      "labels", "--no-cache", "--min-probes", "1", "--max-probes", "2")
     assert code == 2 and "labels must be class indices in [0, 4)" in err and "[-3, 9]" in err
+
+
+def _batch_four_only(path: Path) -> Path:
+    """Loads fine, runs only on batches of exactly 4 samples (a Reshape to [4, 4])."""
+    model = mlp_model()
+    model.graph.node[-1].output[0] = "scores"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([4, 4], np.int64), "shape"))
+    model.graph.node.append(helper.make_node("Reshape", ["scores", "shape"], ["logits"],
+                                             name="fixed"))
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["quantize", "analyze", "check", "validate"])
+def test_a_model_that_cannot_run_on_the_data_is_bad_input(work: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           command: str) -> None:
+    """onnxruntime fails at run time on 32-sample batches: one line naming the data (the
+    analysis used to crash inside the mirror, calibration inside onnxruntime)."""
+    model, data = _batch_four_only(work / "four.onnx"), work / "calib.npz"
+    argv = {"quantize": ["quantize", model, "-o", work / "q.onnx", "--calib", data],
+            "analyze": ["analyze", model, "--calib", data, "--no-cache"],
+            "check": ["inspect", model, "--check", data],
+            "validate": ["validate", model, model, "--eval", data, "--latency-runs", "0"]}
+    code, err = _cli(capsys, *argv[command])
+    assert code == 2 and "onnxruntime cannot run the model on it" in err and str(data) in err
+    assert "Reshape" in err or "reshape" in err
+    assert _listing(work) == ["calib.npz", "four.onnx", "mlp.onnx"]
+
+
+def test_reference_runs_before_the_mirror_folds_constants(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """Found by fuzzing: an activation rewired to a weight makes a constant subgraph that
+    onnxruntime refuses; the mirror evaluated it first (when built) and crashed in torch."""
+    model = onnx.load(MODELS / "mobilenet_op21.onnx")
+    for node in model.graph.node:
+        if node.name == "/features/features.0/features.0.2/HardSwish":
+            node.input[0] = "onnx::Conv_99"
+    onnx.save(model, tmp_path / "m.onnx")
+    data = _save_npz(tmp_path / "d.npz", input=np.zeros((1, 1, 28, 28), np.float32))
+    for argv in (["inspect", tmp_path / "m.onnx", "--check", data],
+                 ["analyze", tmp_path / "m.onnx", "--calib", data, "--no-cache"]):
+        code, err = _cli(capsys, *argv)
+        assert code == 2 and "Input channels C is not equal to kernel channels" in err
+
+
+def test_outputs_that_ignore_the_batch_cannot_be_scored(work: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """Found by fuzzing: an activation rewired to a weight gives 8 predictions for a batch
+    of 32 labels; validate crashed reshaping the labels."""
+    model = mlp_model()
+    model.graph.node[2].input[0] = "w1"  # Relu(w1): [8, 16] whatever the batch
+    onnx.save(model, work / "const.onnx")
+    code, err = _cli(capsys, "validate", work / "const.onnx", work / "const.onnx", "--eval",
+                     work / "calib.npz", "--latency-runs", "0")
+    assert code == 2
+    assert err == ("hawq-onnx: error: the model's first output gives 8 predictions for a "
+                   "batch with 32 labels; cannot score top-1\n")
 
 
 # ---------------------------------------------------------------------- external data

@@ -194,3 +194,20 @@ def test_uniform_mode_is_unchanged(tmp_path: Path, data: dict[str, Path]) -> Non
                  str(data["calib"]), "--weight-bits", "4", "--report", str(report_path)]) == 0
     report = _report(report_path)
     assert "mixed" not in report and report["avg_weight_bits"] == 4.0
+
+
+def test_latency_budget_uses_the_measured_table(tmp_path: Path, data: dict[str, Path],
+                                                capsys: pytest.CaptureFixture) -> None:
+    report_path = tmp_path / "r.json"
+    assert _run(data, tmp_path / "q.onnx", "--latency-budget", "1ms", "--report",
+                str(report_path)) == 0
+    mixed = _report(report_path)["mixed"]
+    assert mixed["pareto"]["metric"] == "latency"
+    assert 0 < mixed["totals"]["latency_s"] <= 1e-3
+    assert all(p["latency_s"] is not None for p in mixed["pareto"]["points"])
+    out = tmp_path / "none.onnx"
+    capsys.readouterr()
+    assert _run(data, out, "--latency-budget", "0.001us") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--latency-budget" in err[0] and "infeasible" in err[0]
+    assert not out.exists()

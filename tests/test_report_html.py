@@ -133,6 +133,25 @@ def test_full_report_has_every_chart_and_loads_nothing(tmp_path: Path) -> None:
         assert needle in body, needle
 
 
+def test_mixed_precision_section_as_the_pipeline_writes_it() -> None:
+    """``report["mixed"]``: the front under ``mixed.pareto`` (metric ``latency`` stored as
+    ``latency_s``), the chosen point found by its widths, totals and request listed."""
+    points = [{"bits": [b, b], "latency_s": 0.001 * b, "predicted_dl": 10.0 ** -b,
+               "measured_dl": 2 * 10.0 ** -b} for b in (2, 4, 8)]
+    report = {"layers": [_layer("a", 4, 3.0), _layer("b", 4, 5.0)], "bytes_quant": 10,
+              "mixed": {"candidate_bits": [2, 4, 8], "loss_model": "hessian",
+                        "status": "optimal", "request": {"latency_budget": 0.005},
+                        "totals": {"weight_bytes": 2048.0, "predicted_dl": 1e-4},
+                        "units": [{"names": ["a"], "bits": 4}, {"names": ["b"], "bits": 4}],
+                        "pareto": {"metric": "latency", "points": points}}}
+    text = render_html(report)
+    _parse(text)
+    (pareto,) = [s for s in _svgs(text) if "Pareto" in s]
+    assert pareto.count('r="4"') == 3 and pareto.count('width="8" height="8"') == 3
+    assert pareto.count('r="9"') == 1 and "widths 4 4" in pareto and "(log)" in pareto
+    assert "requested latency budget" in text and "2.05 kB" in text and "optimal" in text
+
+
 def test_missing_sections_render_placeholders() -> None:
     for report in ({}, {"layers": []}, {"layers": "garbage", "metrics": 3, "pareto": [1, "x"]},
                    {"layers": [{"name": "w", "weight_bits": "eight"}]}):

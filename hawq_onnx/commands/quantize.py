@@ -4,6 +4,11 @@ Uniform precision: every quantizable weight at ``--weight-bits``, every activati
 ``--act-bits``. The output is written atomically (nothing is left behind on failure), and
 ``--report`` writes the per-layer JSON report. With ``--eval`` the quantized model is also
 validated against the float one (accuracy, SQNR, size, latency).
+
+Mixed precision: a budget (``--avg-weight-bits``, ``--size-budget``, ``--bops-budget``,
+``--latency-budget``) or an accuracy target (``--max-drop X --eval EVAL.npz``) chooses each
+layer's weight width from ``--candidate-bits`` (see :mod:`hawq_onnx.mixed.pipeline`); exit 1
+when the target cannot be met, with the best model still written.
 """
 
 from __future__ import annotations
@@ -364,7 +369,7 @@ def mixed_summary_lines(mixed: dict[str, Any]) -> list[str]:
 
 def run_mixed(args: argparse.Namespace) -> int:
     """Mixed-precision quantization; 1 when an accuracy target is missed (model written)."""
-    from hawq_onnx.errors import HawqError
+    from hawq_onnx.errors import GateFailedError, HawqError
     from hawq_onnx.mixed.pipeline import quantize_mixed, write_pareto_plot
 
     if args.calib is None:
@@ -391,8 +396,8 @@ def run_mixed(args: argparse.Namespace) -> int:
     for note in result.report.get("notes", [])[:10]:
         print(f"note: {note}", file=sys.stderr)
     if result.target_met is False:
-        print(f"hawq-onnx: accuracy target missed: even the most precise candidate drops "
-              f"{result.report['mixed']['target']['drop']:.4f} > {args.max_drop}; the best "
-              f"model found was written to {args.output}", file=sys.stderr)
-        return 1
+        raise GateFailedError(
+            f"accuracy target missed: even the most precise candidate drops "
+            f"{result.report['mixed']['target']['drop']:.4f} > {args.max_drop}; the best "
+            f"model found was written to {args.output}")
     return 0
