@@ -92,7 +92,7 @@ CHROMIUM_FLAGS := --headless --no-sandbox --disable-gpu --disable-quic --no-firs
 report-screenshot: setup
 	mkdir -p $(REPORT_DIR)
 	$(VENV)/bin/hawq-onnx quantize $(DEMO_MODEL) -o $(REPORT_DIR)/quant.onnx \
-	  --calib models/fashion_calib.npz --eval $(DEMO_DATA) --report $(REPORT_DIR)/quantize.json \
+	  --calib models/fashion_calib.npz --eval $(DEMO_EVAL) --report $(REPORT_DIR)/quantize.json \
 	  --report-html $(REPORT_DIR)/quantize.html
 	$(VENV)/bin/hawq-onnx quantize $(DEMO_MODEL) -o $(REPORT_DIR)/mixed.onnx \
 	  --calib models/fashion_calib.npz --avg-weight-bits 4 --analysis-samples 64 \
