@@ -268,7 +268,10 @@ def skeleton_copy(model: onnx.ModelProto, threshold: int = DEFAULT_EXTERNAL_DATA
 
 
 def is_too_big_for_protobuf(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except Exception:  # upb (protobuf >= 4) refuses to even size a message of 2 GiB or more
+        return True
 
 
 # --------------------------------------------------------------------------- serialization
