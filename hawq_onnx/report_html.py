@@ -404,9 +404,12 @@ def mixed_section(report: Mapping[str, Any]) -> str:
              if v not in (None, False)]
     rows += [(k.replace("_", " "), _bytes(v) if k.endswith("bytes") else _fmt(v))
              for k, v in totals.items() if v is not None]
-    spearman = mixed.get("spearman")
-    if isinstance(spearman, Mapping):
-        rows += [(f"Spearman ({k})", _fmt(v)) for k, v in spearman.items() if _num(v) is not None]
+    check = mixed.get("spearman")  # {"configs", "samples", "spearman": {model: rho}, ...}
+    if isinstance(check, Mapping):
+        rhos = check.get("spearman") if isinstance(check.get("spearman"), Mapping) else {}
+        rows += [(f"Spearman ρ, predicted vs measured ΔL ({model}, {_fmt(check.get('configs'))}"
+                  " configurations)", _fmt(rho)) for model, rho in rhos.items()
+                 if _num(rho) is not None]
     body = "".join(f"<tr><td>{_e(k)}</td><td class=n>{_e(v)}</td></tr>" for k, v in rows
                    if v not in (None, ""))
     return f"<h2>Mixed precision</h2><table>{body}</table>"

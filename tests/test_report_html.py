@@ -142,6 +142,7 @@ def test_mixed_precision_section_as_the_pipeline_writes_it() -> None:
               "mixed": {"candidate_bits": [2, 4, 8], "loss_model": "hessian",
                         "status": "optimal", "request": {"latency_budget": 0.005},
                         "totals": {"weight_bytes": 2048.0, "predicted_dl": 1e-4},
+                        "spearman": {"configs": 6, "spearman": {"hessian": 0.9}},
                         "units": [{"names": ["a"], "bits": 4}, {"names": ["b"], "bits": 4}],
                         "pareto": {"metric": "latency", "points": points}}}
     text = render_html(report)
@@ -150,6 +151,8 @@ def test_mixed_precision_section_as_the_pipeline_writes_it() -> None:
     assert pareto.count('r="4"') == 3 and pareto.count('width="8" height="8"') == 3
     assert pareto.count('r="9"') == 1 and "widths 4 4" in pareto and "(log)" in pareto
     assert "requested latency budget" in text and "2.05 kB" in text and "optimal" in text
+    assert "Spearman ρ, predicted vs measured ΔL (hessian, 6 configurations)</td>" \
+        "<td class=n>0.9</td>" in text
 
 
 def test_missing_sections_render_placeholders() -> None:
