@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hawq_onnx.analysis import AnalysisSettings, analyze
+from hawq_onnx.commands.argtypes import non_negative_int, positive_float, positive_int
 from hawq_onnx.hessian.hvp import DEFAULT_MODE, HVP_MODES
 from hawq_onnx.hessian.result import AnalysisResult
 from hawq_onnx.recipe import provenance
@@ -34,11 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="auto: ce with labels, else kl for class scores, mse otherwise")
     parser.add_argument("--outputs", type=_names, metavar="NAME,...",
                         help="model outputs the loss uses (default: every float output)")
-    parser.add_argument("--rel-tol", type=_positive_float, default=0.05,
+    parser.add_argument("--rel-tol", type=positive_float, default=0.05,
                         help="stop when SE <= rel_tol * |trace| for every layer")
-    parser.add_argument("--min-probes", type=_positive_int, default=16)
-    parser.add_argument("--max-probes", type=_positive_int, default=256)
-    parser.add_argument("--eigs", type=_non_negative_int, default=0, metavar="K",
+    parser.add_argument("--min-probes", type=positive_int, default=16)
+    parser.add_argument("--max-probes", type=positive_int, default=256)
+    parser.add_argument("--eigs", type=non_negative_int, default=0, metavar="K",
                         help="top-K eigenvalues per layer and for the whole model")
     parser.add_argument("--density", nargs="?", const="global", choices=("global", "layers"),
                         help="spectral density by SLQ (global, or per layer)")
@@ -49,8 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--hvp", choices=("auto", *HVP_MODES), default=DEFAULT_MODE,
                         help="how Hessian-vector products are computed (auto: gauss_newton "
                              "where it is exact, i.e. kl/mse, else double_backprop)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--max-samples", type=_positive_int, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-samples", type=positive_int, metavar="N",
                         help="use only the first N calibration samples")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
@@ -68,25 +69,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
+from hawq_onnx.commands.argtypes import positive_int
 from hawq_onnx.data import Dataset, load_npz
 from hawq_onnx.errors import UnsupportedOpError
 from hawq_onnx.graph import GraphView
@@ -33,18 +34,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("model", type=Path, metavar="MODEL.onnx")
     parser.add_argument("--check", type=Path, metavar="DATA.npz",
                         help="run mirror-vs-onnxruntime parity on this data")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
                         help="batch size for --check (a batch size the model fixes wins)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.set_defaults(func=run)
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

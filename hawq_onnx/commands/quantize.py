@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hawq_onnx.commands.argtypes import positive_int
 from hawq_onnx.quant.plan import CALIB_METHODS, DEFAULT_CALIB_METHOD, WEIGHT_BITS
 from hawq_onnx.quantize import QuantizeOptions, quantize
 from hawq_onnx.recipe import provenance
@@ -80,9 +81,9 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the float biases (default: remove the mean per-channel "
                              "output shift of each quantized Conv/Gemm, measured on the "
                              "calibration data)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32,
+    parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="calibration batch size (a batch size the model fixes wins)")
-    parser.add_argument("--max-calib-samples", type=_positive_int, metavar="N",
+    parser.add_argument("--max-calib-samples", type=positive_int, metavar="N",
                         help="use only the first N calibration samples")
 
 
@@ -94,18 +95,10 @@ def _act_bits(text: str) -> int | None:
     return int(text)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _group_size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"a group needs at least 2 elements, got {text}")
     return value
@@ -288,18 +281,18 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
                        choices=("hessian", "measured", "both"), default="both",
                        help="corrections: Hessian cross terms, measured neighbour "
                             "interactions, or both (default)")
-    group.add_argument("--hops", type=_positive_int, default=1, metavar="K",
+    group.add_argument("--hops", type=positive_int, default=1, metavar="K",
                        help="measure interactions of layers within K hops (default 1)")
     group.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=BITS",
                        help="fix a weight's (or layer node's) width (repeatable)")
     group.add_argument("--pin-first-last", type=int, metavar="BITS",
                        help="fix the first and last weighted layers' width (HAWQ-V3: 8)")
-    group.add_argument("--analysis-samples", type=_positive_int, default=256, metavar="N",
+    group.add_argument("--analysis-samples", type=positive_int, default=256, metavar="N",
                        help="calibration samples for the Hessian and interactions (default "
                             "256); the next --holdout-samples judge the predictions")
-    group.add_argument("--holdout-samples", type=_positive_int, default=256, metavar="N",
+    group.add_argument("--holdout-samples", type=positive_int, default=256, metavar="N",
                        help="held-out calibration samples (default 256)")
-    group.add_argument("--max-probes", type=_positive_int, default=64, metavar="N",
+    group.add_argument("--max-probes", type=positive_int, default=64, metavar="N",
                        help="Hutchinson probes at most (default 64)")
     group.add_argument("--eval-configs", type=int, default=50, metavar="N",
                        help="random configurations for the Spearman check (default 50; 0 "

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hawq_onnx.commands.argtypes import positive_int
 from hawq_onnx.commands.quantize import format_metrics, write_json
 from hawq_onnx.errors import GateFailedError
 from hawq_onnx.recipe import provenance
@@ -30,8 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-drop", type=_fraction, metavar="X",
                         help="fail (exit 1) when top-1 drops by more than X (0.01 = 1 point)")
     parser.add_argument("--report", type=Path, metavar="r.json", help="write metrics as JSON")
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
-    parser.add_argument("--max-samples", type=_positive_int, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-samples", type=positive_int, metavar="N",
                         help="evaluate only the first N samples")
     parser.add_argument("--latency-runs", type=int, default=20, metavar="N",
                         help="interleaved timing runs per model (0: skip latency)")
@@ -49,14 +50,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
