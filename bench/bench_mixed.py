@@ -105,7 +105,7 @@ def measure(session: Any, allocation: Any, eval_path: Path, folder: Path) -> dic
     metrics = evaluate(session.model_path, path, eval_path, latency_runs=0)
     return {"bits": list(allocation.bits), "avg_weight_bits": round(allocation.avg_weight_bits, 4),
             "bytes": metrics.bytes_quant, "top1": metrics.top1_quant,
-            "sqnr_db": round(metrics.sqnr_db, 3),
+            "agreement": metrics.agreement, "sqnr_db": round(metrics.sqnr_db, 3),
             "measured_dl": float(f"{session.measured_delta(allocation):.6g}"),
             "predicted_dl": float(f"{allocation.objective:.6g}")}
 
@@ -147,16 +147,27 @@ def ort_static(model: Path, calib: Path, eval_path: Path, folder: Path, int4: bo
     except Exception as exc:  # report what onnxruntime's quantizer could not do
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return {"bytes": metrics.bytes_quant, "top1": metrics.top1_quant,
+            "agreement": metrics.agreement,
             "sqnr_db": round(metrics.sqnr_db, 3), "wall_s": round(time.perf_counter() - start, 2)}
 
 
 # ---------------------------------------------------------------------- one model
-def bench_model(name: str, budgets: list[float], draws: int, folder: Path) -> dict[str, Any]:
+def eval_file(name: str, which: str) -> Path:
+    """The committed evaluation file, or the whole held-out split (``models.full_eval``)."""
+    if which == "full" and ZOO[name] in ("fashion", "text"):
+        from models.full_eval import ensure
+
+        return ensure(ZOO[name])
+    return MODELS / f"{ZOO[name]}_eval.npz"
+
+
+def bench_model(name: str, budgets: list[float], draws: int, folder: Path,
+                eval_path: Path) -> dict[str, Any]:
     from hawq_onnx.mixed.pipeline import MixedOptions, MixedSession
     from hawq_onnx.quantize import QuantizeOptions
 
     model = MODELS / f"{name}.onnx"
-    calib, eval_path = MODELS / f"{ZOO[name]}_calib.npz", MODELS / f"{ZOO[name]}_eval.npz"
+    calib = MODELS / f"{ZOO[name]}_calib.npz"
     session = MixedSession(model, calib, QuantizeOptions(),
                            MixedOptions(avg_weight_bits=4.0, interactions="both",
                                         use_cache=False))
@@ -164,6 +175,7 @@ def bench_model(name: str, budgets: list[float], draws: int, folder: Path) -> di
     evaluation = session.evaluate(50)
     models = session.corrections.models
     row: dict[str, Any] = {"model": name, "units": len(session.choices),
+                           "eval_file": eval_path.name, "eval_samples": _samples(eval_path),
                            "params": sum(c.params for c in session.choices),
                            "spearman": evaluation.to_dict()["spearman"],
                            "float": _float_point(model, eval_path)}
@@ -192,6 +204,11 @@ def bench_model(name: str, budgets: list[float], draws: int, folder: Path) -> di
     return row
 
 
+def _samples(path: Path) -> int:
+    with np.load(path) as data:
+        return int(len(data["labels"]))
+
+
 def _float_point(model: Path, eval_path: Path) -> dict[str, Any]:
     from hawq_onnx.validate import evaluate
 
@@ -201,7 +218,7 @@ def _float_point(model: Path, eval_path: Path) -> dict[str, Any]:
 
 def _mean(points: list[dict[str, Any]], budget: float) -> dict[str, Any]:
     out: dict[str, Any] = {"budget": budget, "draws": len(points)}
-    for key in ("bytes", "top1", "sqnr_db", "measured_dl", "avg_weight_bits"):
+    for key in ("bytes", "top1", "agreement", "sqnr_db", "measured_dl", "avg_weight_bits"):
         values = [p[key] for p in points]
         out[key] = float(np.mean(values))
         out[f"{key}_std"] = float(np.std(values))
@@ -248,34 +265,41 @@ def figure(row: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _pct(point: dict[str, Any]) -> str:
+    value = point.get("agreement")
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def markdown(rows: list[dict[str, Any]], figures: Path | None, command: str) -> str:
     lines: list[str] = []
     for row in rows:
         lines += [f"### {row['model']}", ""]
         if figures is not None:
-            rel = (figures / f"mixed_{row['model']}.png").relative_to(REPO)
+            png = figures / f"mixed_{row['model']}.png"
+            rel = png.relative_to(REPO) if png.is_relative_to(REPO) else png
             lines += [f"![{row['model']}]({rel})", ""]
-        lines += [f"Produced by `{command}`.", ""]
-        lines += ["| strategy | budget (avg bits) | bytes | top-1 % | SQNR dB | held-out ΔL |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"Produced by `{command}`. Evaluation file: `{row.get('eval_file', '?')}` "
+                  f"({row.get('eval_samples', '?')} samples).", ""]
+        lines += ["| strategy | budget (avg bits) | bytes | top-1 % | agrees with float % | "
+                  "SQNR dB | held-out ΔL |", "|---|---|---|---|---|---|---|"]
         lines.append(f"| float | - | {row['float']['bytes']} | {100 * row['float']['top1']:.2f}"
-                     " | - | - |")
+                     " | - | - | - |")
         for bits, p in row["uniform"].items():
             lines.append(f"| uniform {bits}-bit | {bits} | {p['bytes']} | {100 * p['top1']:.2f} "
-                         f"| {p['sqnr_db']:.2f} | {p['measured_dl']:.4g} |")
+                         f"| {_pct(p)} | {p['sqnr_db']:.2f} | {p['measured_dl']:.4g} |")
         for tag, p in row["ort"].items():
             if "error" in p:
-                lines.append(f"| ORT quantize_static {tag} | - | failed: {p['error']} | | | |")
+                lines.append(f"| ORT quantize_static {tag} | - | failed: {p['error']} | | | | |")
             else:
                 lines.append(f"| ORT quantize_static {tag} | - | {p['bytes']} | "
-                             f"{100 * p['top1']:.2f} | {p['sqnr_db']:.2f} | - |")
+                             f"{100 * p['top1']:.2f} | {_pct(p)} | {p['sqnr_db']:.2f} | - |")
         for name in ("random", "greedy", "ilp_hessian", "ilp_corrected"):
             for p in row[name]:
                 top1 = f"{100 * p['top1']:.2f}"
                 if name == "random":
                     top1 += f" ± {100 * p['top1_std']:.2f}"
                 lines.append(f"| {LABELS[name]} | {p['budget']} | {p['bytes']:.0f} | {top1} | "
-                             f"{p['sqnr_db']:.2f} | {p['measured_dl']:.4g} |")
+                             f"{_pct(p)} | {p['sqnr_db']:.2f} | {p['measured_dl']:.4g} |")
         spearman = ", ".join(f"{k} {v}" for k, v in row["spearman"].items())
         timings = ", ".join(f"{k} {v:.1f} s" for k, v in row["timings"].items())
         lines += ["", f"Spearman (predicted vs held-out ΔL, 50 random configurations): "
@@ -294,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, help="write one PNG per model here")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval", choices=("full", "zoo"), default="full",
+                        help="full: the whole held-out split (models/full_eval.py, built once "
+                             "under .cache/eval; digits has no more than the zoo file); "
+                             "zoo: the committed 2,000-sample files")
     parser.add_argument("--from-json", type=Path, metavar="ROWS.json",
                         help="only render the tables and figures of an earlier --json run")
     args = parser.parse_args(argv)
@@ -302,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hawq-bench-mixed-") as folder:
         for name in args.models if not args.from_json else []:
             print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-            rows.append(bench_model(name, args.budgets, args.random, Path(folder)))
+            rows.append(bench_model(name, args.budgets, args.random, Path(folder),
+                                    eval_file(name, args.eval)))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
     if args.figures:

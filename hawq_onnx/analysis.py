@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 import torch
 
-from hawq_onnx.data import LABELS_KEY, Dataset, load_npz
+from hawq_onnx.data import LABELS_KEY, Batches, Dataset, input_specs, load_npz
 from hawq_onnx.errors import HawqError, InvalidDataError
 from hawq_onnx.graph import GraphView, QuantizableLayer
 from hawq_onnx.hessian.activations import activation_sampler, reached_tensors
-from hawq_onnx.hessian.cache import ResultCache, arrays_sha256, cache_key
+from hawq_onnx.hessian.cache import ResultCache, cache_key, dataset_sha256
 from hawq_onnx.hessian.density import spectral_density
 from hawq_onnx.hessian.eigen import EIGEN_METHODS, top_eigenvalues
 from hawq_onnx.hessian.hutchinson import (
@@ -111,11 +111,11 @@ class AnalysisSettings:
 
 @dataclass
 class _Inputs:
-    """A loaded model and the calibration arrays the analysis runs on."""
+    """A loaded model and the calibration data the analysis runs on."""
 
     model: onnx.ModelProto
     name: str
-    batches: list[dict[str, np.ndarray]]
+    batches: Batches  # re-iterable: every pass reads the data again
     labels: np.ndarray | None
     data_sha256: str
     layers: list[QuantizableLayer] = field(default_factory=list)
@@ -144,6 +144,7 @@ def analyze(
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
+            hit.model = inputs.name  # the key is content only: the entry may name a copy
             return hit
     result = _run(inputs, settings, progress)
     result.model_sha256 = model_hash
@@ -161,76 +162,42 @@ def _load_inputs(model: Any, data: Any, settings: AnalysisSettings) -> _Inputs:
     else:
         imported = load_model(model)
         proto, name = imported.model, str(model)
-    arrays, labels = _arrays(data, proto, settings)
-    limit = settings.max_samples
-    dataset = _dataset_from(arrays, proto, data)
-    batches = list(dataset.batches(settings.batch_size))
-    batches, labels = _limit(batches, labels, limit)
-    if batches:  # bad input fails here in one line, not deep inside the mirror
-        check_reference_runs(proto, batches[0], str(getattr(dataset, "source", name)))
-    hashed: dict[str, np.ndarray | None] = {f"input:{k}": v for k, v in arrays.items()}
-    hashed["labels"] = labels
+    dataset, labels = _dataset(data, proto, settings)
+    if settings.max_samples is not None:  # the first samples: whole batches, the last cut
+        dataset = dataset.head(settings.max_samples)
+        labels = labels[:len(dataset)] if labels is not None else None
+    batches = dataset.batched(settings.batch_size)
+    first = next(iter(batches), None)
+    if first is not None:  # bad input fails here in one line, not deep inside the mirror
+        check_reference_runs(proto, first, str(dataset.source))
     layers = GraphView(proto).quantizable_layers()
-    return _Inputs(proto, name, batches, labels, arrays_sha256(hashed), layers)
+    return _Inputs(proto, name, batches, labels, dataset_sha256(dataset, labels), layers)
 
 
-def _arrays(data: Any, model: onnx.ModelProto,
-            settings: AnalysisSettings) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Input arrays and (when a CE loss needs them) labels."""
+def _dataset(data: Any, model: onnx.ModelProto,
+             settings: AnalysisSettings) -> tuple[Dataset, np.ndarray | None]:
+    """The inputs (read from disk batch by batch when ``data`` is a file) and, when a CE
+    loss needs them, the labels."""
     labels_key = settings.labels_key or (LABELS_KEY if settings.loss == "ce" else None)
-    if isinstance(data, Dataset):
-        arrays = dict(data.arrays)
-        raw: Mapping[str, np.ndarray] = {LABELS_KEY: data.labels} if data.labels is not None \
-            else {}
-        if labels_key not in (None, LABELS_KEY):
-            raw = _read_npz(data.source)
-    elif isinstance(data, Mapping):
-        arrays, raw = {k: np.asarray(v) for k, v in data.items()}, data
+    labels: np.ndarray | None = None
+    if isinstance(data, Mapping):
+        arrays = {k: np.asarray(v) for k, v in data.items()}
+        dataset = _dataset_from(arrays, model)
+        labels = arrays.get(labels_key) if labels_key is not None else None
     else:
-        dataset = load_npz(data, model)
-        arrays = dict(dataset.arrays)
-        raw = _read_npz(Path(data)) if labels_key else {}
-    labels = None
-    if labels_key is not None:
-        if labels_key not in raw or raw[labels_key] is None:
-            raise InvalidDataError(f"no labels array {labels_key!r} in the calibration data")
-        labels = np.asarray(raw[labels_key])
-    return arrays, labels
+        dataset = data if isinstance(data, Dataset) else load_npz(data, model)
+        labels = dataset.labels_for(labels_key) if labels_key is not None else None
+    if labels_key is not None and labels is None:
+        raise InvalidDataError(f"no labels array {labels_key!r} in the calibration data")
+    return dataset, labels
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {k: archive[k] for k in archive.files}
-
-
-def _dataset_from(arrays: dict[str, np.ndarray], model: onnx.ModelProto, data: Any) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
-    from hawq_onnx.data import input_specs
-
+def _dataset_from(arrays: dict[str, np.ndarray], model: onnx.ModelProto) -> Dataset:
     specs = input_specs(model)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise InvalidDataError(f"calibration data lacks model input(s) {missing}")
-    return Dataset(Path(str(data)) if not isinstance(data, Mapping) else Path("<arrays>"),
-                   specs, {s.name: arrays[s.name] for s in specs})
-
-
-def _limit(batches: list[dict[str, np.ndarray]], labels: np.ndarray | None,
-           limit: int | None) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
-    """Keep the first ``limit`` samples (whole batches, the last one cut)."""
-    if limit is None:
-        return batches, labels
-    kept: list[dict[str, np.ndarray]] = []
-    count = 0
-    for batch in batches:
-        if count >= limit:
-            break
-        size = next((len(v) for v in batch.values() if np.ndim(v) > 0), 1)
-        take = min(size, limit - count)
-        kept.append({k: v[:take] if np.ndim(v) > 0 else v for k, v in batch.items()})
-        count += take
-    return kept, labels[:count] if labels is not None else None
+    return Dataset(Path("<arrays>"), specs, {s.name: arrays[s.name] for s in specs})
 
 
 # ---------------------------------------------------------------------- the run

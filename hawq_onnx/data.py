@@ -5,19 +5,29 @@ expects (uint8 pixels for a float input, the wrong resolution, NaNs) are silentl
 the damage only shows up as poor accuracy much later. Every mismatch is reported up front,
 in one line naming the file and the problem.
 
+Why lazy: a calibration set may be far larger than the memory a build step should use.
+:func:`load_npz` checks everything once, chunk by chunk, and keeps only the archive's headers;
+batches are read from the file when asked for (:mod:`hawq_onnx.npz_reader`), so a pass over
+the data holds one batch whatever the number of samples. Only :attr:`Dataset.arrays` holds
+everything, for the callers that really need it.
+
 Layout of the archive: one array per graph input, keyed by input name, holding all samples
-stacked along the input's *batch axis* (axis 0, except when a named batch dimension such as
-``batch`` sits elsewhere in an input, e.g. an RNN state declared ``[2, batch, 128]``). An
+stacked along the input's *batch axis*, the data laid out like the input itself. The batch
+axis is axis 0, except for an input whose axis 0 is a fixed number (an RNN state
+``[2, batch, 128]``): there it is the axis that carries the dimension name other inputs use as
+their batch dimension, or, when the model names no batch dimension (silero-vad's
+``[2, ?, 128]`` next to ``input [?, ?]``), the input's one unnamed dynamic axis. Samples of
+such a state are stored ``[2, N, 128]``, the same file for every export of the model. An
 input declared as a scalar (shape ``()``) is stored as a scalar and fed unchanged with every
 batch. An optional ``labels`` array (one entry per sample) is kept for accuracy gates; other
-keys are ignored with a note. Archives are always read with ``allow_pickle=False``: a data
-file never executes code.
+keys are ignored with a note. Archives are never unpickled: a data file never executes code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +35,7 @@ import onnx
 from onnx import TensorProto
 
 from hawq_onnx.errors import InvalidDataError
+from hawq_onnx.npz_reader import CHUNK_BYTES, NpzReader
 
 LABELS_KEY = "labels"
 # dim_params exporters write for "unknown" (paddle2onnx: "?"): they constrain nothing.
@@ -50,26 +61,113 @@ class InputSpec:
         return dim if isinstance(dim, int) and dim > 0 else None
 
 
-@dataclass
-class Dataset:
-    """Validated model inputs (already in the model's dtypes) plus optional labels."""
+# ---------------------------------------------------------------------- columns
+@dataclass(frozen=True, eq=False)
+class _ArrayColumn:
+    """An input held in memory (arrays passed by API callers; scalar inputs)."""
 
-    source: Path
-    specs: list[InputSpec]
-    arrays: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)
+    array: np.ndarray
+    axis: int | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.axis is None:
+            return self.array
+        index = [slice(None)] * self.array.ndim
+        index[self.axis] = slice(start, stop)
+        return np.ascontiguousarray(self.array[tuple(index)])
+
+
+@dataclass(frozen=True, eq=False)
+class _FileColumn:
+    """An input read from the archive on demand and cast to the model's dtype batch by
+    batch (the cast was checked on the whole array at load time)."""
+
+    reader: NpzReader
+    key: str
+    axis: int
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.reader.header(self.key).shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        rows = self.reader.read_rows(self.key, self.axis, start, stop)
+        return rows.astype(self.dtype, copy=False)
+
+
+_Column = _ArrayColumn | _FileColumn
+
+
+# ---------------------------------------------------------------------- the dataset
+class Dataset:
+    """Validated model inputs (in the model's dtypes) plus optional labels.
+
+    ``Dataset(source, specs, arrays, labels, notes)`` wraps arrays already in memory;
+    :func:`load_npz` returns one that reads its batches from the file. Either way
+    :meth:`batches`, :meth:`batched`, :meth:`chunks`, :meth:`slice` and :meth:`head` hold at
+    most one batch, while :attr:`arrays` materializes every sample.
+    """
+
+    def __init__(self, source: Path, specs: list[InputSpec],
+                 arrays: Mapping[str, np.ndarray] | None = None,
+                 labels: np.ndarray | None = None, notes: list[str] | None = None) -> None:
+        arrays = arrays or {}
+        columns = {s.name: _ArrayColumn(np.asarray(arrays[s.name]), s.batch_axis)
+                   for s in specs}
+        self._init(source, specs, columns, labels, notes or [], None)
+
+    def _init(self, source: Path, specs: list[InputSpec], columns: dict[str, _Column],
+              labels: np.ndarray | None, notes: list[str], window: slice | None,
+              reader: NpzReader | None = None) -> None:
+        self.source = source
+        self.specs = specs
+        self.labels = labels
+        self.notes = notes
+        self._columns = columns
+        self._reader = reader
+        total = next((c.shape[c.axis] for c in columns.values() if c.axis is not None),
+                     0 if labels is None else len(labels))
+        self._window = window or slice(0, total)
+
+    def _view(self, start: int, stop: int) -> Dataset:
+        view = Dataset.__new__(Dataset)
+        base = self._window.start
+        labels = None if self.labels is None else self.labels[start:stop]
+        view._init(self.source, self.specs, self._columns, labels, list(self.notes),
+                   slice(base + start, base + stop), self._reader)
+        return view
 
     def __len__(self) -> int:
-        for spec in self.specs:
-            if spec.batch_axis is not None:
-                return int(self.arrays[spec.name].shape[spec.batch_axis])
-        return 0 if self.labels is None else len(self.labels)
+        return self._window.stop - self._window.start
 
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.source)!r}, {len(self)} samples, inputs {list(self._columns)})"
+
+    # ------------------------------------------------------------------ shape of the data
     @property
     def fixed_batch(self) -> int | None:
         return next((s.fixed_batch for s in self.specs if s.fixed_batch is not None), None)
 
+    def sample_counts(self) -> dict[str, int]:
+        """Samples per batched input in the whole source (they must agree)."""
+        return {name: c.shape[c.axis] for name, c in self._columns.items() if c.axis is not None}
+
+    @property
+    def sample_nbytes(self) -> int:
+        """Bytes of one sample over all batched inputs, in the model's dtypes."""
+        return sum(math.prod(c.shape) // max(1, c.shape[c.axis]) * c.dtype.itemsize
+                   for c in self._columns.values() if c.axis is not None)
+
+    # ------------------------------------------------------------------ access
     def batch_slices(self, batch_size: int) -> list[slice]:
         """Sample ranges of each batch; a batch size the model declares wins."""
         size = self.fixed_batch or batch_size
@@ -78,9 +176,28 @@ class Dataset:
         return [slice(start, min(start + size, len(self))) for start in range(0, len(self), size)]
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds for the model, one dict per batch, in sample order."""
+        """Feeds for the model, one dict per batch, in sample order, read as they are asked
+        for."""
         for part in self.batch_slices(batch_size):
-            yield {spec.name: self._take(spec, part) for spec in self.specs}
+            yield self.read(part)
+
+    def batched(self, batch_size: int) -> Batches:
+        """The batches as a re-iterable: every pass reads them again (see :class:`Batches`)."""
+        return Batches(self, batch_size)
+
+    def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[dict[str, np.ndarray]]:
+        """All samples in order, in pieces of at most ``max_bytes`` (at least one sample),
+        whatever batch size the model declares: for scans such as hashing."""
+        size = max(1, max_bytes // max(1, self.sample_nbytes))
+        for start in range(0, len(self), size):
+            yield self.read(slice(start, min(start + size, len(self))))
+
+    def read(self, part: slice) -> dict[str, np.ndarray]:
+        """Samples ``part`` (a slice with positive bounds within ``len(self)``) of every
+        input; scalar inputs whole."""
+        base = self._window.start
+        return {spec.name: self._columns[spec.name].read(base + part.start, base + part.stop)
+                for spec in self.specs}
 
     def label_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Labels split exactly like :meth:`batches`; requires labels."""
@@ -89,20 +206,48 @@ class Dataset:
         for part in self.batch_slices(batch_size):
             yield self.labels[part]
 
-    def head(self, count: int) -> Dataset:
-        """The first ``count`` samples (e.g. a quick calibration subset)."""
-        part = slice(0, min(count, len(self)))
-        labels = None if self.labels is None else self.labels[part]
-        arrays = {spec.name: self._take(spec, part) for spec in self.specs}
-        return Dataset(self.source, self.specs, arrays, labels, list(self.notes))
+    def slice(self, start: int, stop: int) -> Dataset:
+        """Samples ``[start, stop)`` (clamped to the data) as a view: nothing is read."""
+        start = max(0, min(start, len(self)))
+        return self._view(start, max(start, min(stop, len(self))))
 
-    def _take(self, spec: InputSpec, part: slice) -> np.ndarray:
-        array = self.arrays[spec.name]
-        if spec.batch_axis is None:
-            return array
-        index = [slice(None)] * array.ndim
-        index[spec.batch_axis] = part
-        return np.ascontiguousarray(array[tuple(index)])
+    def head(self, count: int) -> Dataset:
+        """The first ``count`` samples (e.g. a quick calibration subset), as a view."""
+        return self.slice(0, count)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every sample of every input in memory (a new copy for file-backed data): only for
+        callers that need everything at once; batch access keeps memory bounded."""
+        return self.read(slice(0, len(self)))
+
+    def labels_for(self, key: str) -> np.ndarray | None:
+        """The labels stored under ``key`` for these samples (None when there are none):
+        ``labels`` itself, or another array of the source archive."""
+        if key == LABELS_KEY or self._reader is None:
+            return self.labels if key == LABELS_KEY else None
+        if key not in self._reader.keys:
+            return None
+        values = self._reader.read(key)
+        if values.ndim == 0:
+            raise InvalidDataError(f"{self.source}: '{key}' must hold one entry per sample")
+        return values[self._window]
+
+
+@dataclass(frozen=True, eq=False)
+class Batches:
+    """A dataset's batches as a re-iterable: ``iter()`` starts a new pass that reads them
+    again, so an algorithm that needs many passes (a Hessian-vector product per pass) holds
+    one batch at a time instead of a list of all of them."""
+
+    dataset: Dataset
+    batch_size: int
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.dataset.batches(self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset.batch_slices(self.batch_size))
 
 
 # ---------------------------------------------------------------------- model side
@@ -122,120 +267,114 @@ def _np_dtype(value: onnx.ValueInfoProto) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """Specs for the inputs a caller feeds (initializers listed as inputs are not fed).
+def _fixed(dim: Dim) -> bool:
+    return isinstance(dim, int) and dim > 0
 
-    The batch axis is axis 0, unless an input's axis 0 is a fixed number and a symbolic
-    dimension used as another input's batch axis appears elsewhere in it.
-    """
+
+def _anonymous(dim: Dim) -> bool:
+    return dim is None or (isinstance(dim, str) and dim in _ANONYMOUS_DIMS) or \
+        (isinstance(dim, int) and dim <= 0)
+
+
+def _batch_axis(shape: tuple[Dim, ...] | None, batch_names: set[str],
+                anonymous_batch: bool) -> int | None:
+    """See the module doc: axis 0, a named batch dim elsewhere, or the one unnamed dynamic
+    axis of an input with a fixed axis 0 when the model's batch dimension has no name."""
+    if shape is None:
+        return 0
+    if not shape:
+        return None
+    if not _fixed(shape[0]):
+        return 0
+    named = [i for i, d in enumerate(shape) if isinstance(d, str) and d in batch_names]
+    if named:
+        return named[0]
+    dynamic = [i for i, d in enumerate(shape) if not _fixed(d)]
+    if anonymous_batch and not batch_names and len(dynamic) == 1 and _anonymous(shape[dynamic[0]]):
+        return dynamic[0]
+    return 0
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """Specs for the inputs a caller feeds (initializers listed as inputs are not fed)."""
     initializers = {t.name for t in model.graph.initializer}
     values = [v for v in model.graph.input if v.name not in initializers]
     dims = {v.name: _dims(v) for v in values}
     batch_names = {d[0] for d in dims.values()
                    if d and isinstance(d[0], str) and d[0] not in _ANONYMOUS_DIMS}
-    specs = []
-    for value in values:
-        shape = dims[value.name]
-        axis: int | None = 0
-        if shape is not None and not shape:
-            axis = None
-        elif shape is not None and isinstance(shape[0], int) and shape[0] > 0:
-            named = [i for i, d in enumerate(shape) if isinstance(d, str) and d in batch_names]
-            axis = named[0] if named else 0
-        specs.append(InputSpec(value.name, _np_dtype(value), shape, axis))
-    return specs
+    anonymous_batch = any(d and _anonymous(d[0]) for d in dims.values())
+    return [InputSpec(v.name, _np_dtype(v), dims[v.name],
+                      _batch_axis(dims[v.name], batch_names, anonymous_batch)) for v in values]
 
 
 # ---------------------------------------------------------------------- checks
-def _read_archive(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of an .npz, refusing pickled (object) arrays without unpickling them."""
-    if not path.is_file():
-        raise InvalidDataError(f"{path}: no such file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy's parsers raise many types on damaged files
-        raise InvalidDataError(f"{path}: not a readable .npz archive ({_first_line(exc)})") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise InvalidDataError(f"{path}: a single .npy array, expected an .npz archive of "
-                               "arrays keyed by input name")
-    arrays: dict[str, np.ndarray] = {}
-    with archive:
-        for key in archive.files:
-            try:
-                arrays[key] = archive[key]
-            except ValueError as exc:  # numpy refuses object arrays when allow_pickle=False
-                if "allow_pickle" not in str(exc):
-                    raise InvalidDataError(f"{path}: array '{key}' is unreadable "
-                                           f"({_first_line(exc)})") from exc
-                raise InvalidDataError(f"{path}: array '{key}' holds Python objects (pickled "
-                                       "data), which is never loaded") from exc
-            except Exception as exc:  # damaged headers reach numpy's tokenizer, zlib, ...
-                raise InvalidDataError(f"{path}: array '{key}' is unreadable "
-                                       f"({_first_line(exc)})") from exc
-    return arrays
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _fmt(dims: tuple[Dim, ...]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
-def _convert(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
-    """Cast to the model's dtype where that loses nothing a user would care about."""
-    have, want = array.dtype, spec.dtype
+def _check_dtype(path: Path, spec: InputSpec, have: np.dtype) -> None:
+    """Casts to the model's dtype are allowed where they lose nothing a user would care
+    about; the values are checked by :func:`_check_values`."""
+    want = spec.dtype
     where = f"{path}: input '{spec.name}'"
     if have.kind not in "biuf":
         raise InvalidDataError(f"{where} has dtype {have}, expected numeric data ({want})")
-    if want.kind == "f":
-        if have.kind != "f":
-            raise InvalidDataError(
-                f"{where} is {want} in the model but the data is {have}; convert (and "
-                "normalize) it to floating point first")
-        with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
-            converted = array.astype(want, copy=False)
-        bad = int(np.size(converted) - np.count_nonzero(np.isfinite(converted)))
-        if bad:
-            raise InvalidDataError(f"{where} has {bad} NaN/Inf value(s)"
-                                   + (f" after conversion to {want}" if have != want else ""))
-        return converted
-    if want.kind == "b":
-        if have.kind != "b":
-            raise InvalidDataError(f"{where} is bool in the model but the data is {have}")
-        return array
-    if have.kind not in "iu":  # integer input
+    if want.kind == "f" and have.kind != "f":
+        raise InvalidDataError(f"{where} is {want} in the model but the data is {have}; convert "
+                               "(and normalize) it to floating point first")
+    if want.kind == "b" and have.kind != "b":
+        raise InvalidDataError(f"{where} is bool in the model but the data is {have}")
+    if want.kind in "iu" and have.kind not in "iu":
         raise InvalidDataError(f"{where} is {want} in the model but the data is {have}")
-    if array.size and have != want:
+
+
+def _check_values(path: Path, spec: InputSpec, have: np.dtype,
+                  chunks: Iterator[np.ndarray]) -> None:
+    """No NaN/Inf (after the cast) in float inputs, integers that fit the model's type;
+    one chunk at a time, so memory stays bounded whatever the size of the array."""
+    want = spec.dtype
+    bad, low, high = 0, None, None
+    for chunk in chunks:
+        if want.kind == "f":
+            with np.errstate(over="ignore"):  # overflow becomes Inf, reported below
+                converted = chunk.astype(want, copy=False)
+            bad += int(converted.size - np.count_nonzero(np.isfinite(converted)))
+        elif want.kind in "iu" and have != want and chunk.size:
+            lo, hi = int(chunk.min()), int(chunk.max())
+            low, high = (lo, hi) if low is None else (min(low, lo), max(high, hi))
+    where = f"{path}: input '{spec.name}'"
+    if bad:
+        raise InvalidDataError(f"{where} has {bad} NaN/Inf value(s)"
+                               + (f" after conversion to {want}" if have != want else ""))
+    if low is not None and high is not None:
         info = np.iinfo(want)
-        low, high = int(array.min()), int(array.max())
         if low < info.min or high > info.max:
             raise InvalidDataError(f"{where}: values [{low}, {high}] do not fit {want}")
-    return array.astype(want, copy=False)
 
 
-def _check_shape(path: Path, spec: InputSpec, array: np.ndarray,
+def _check_shape(path: Path, spec: InputSpec, shape: tuple[int, ...],
                  symbols: dict[str, tuple[str, int]]) -> None:
     """Rank and fixed per-sample dims must match; a symbolic dim must agree across inputs."""
     where = f"{path}: input '{spec.name}'"
-    if spec.dims is None:
-        return
     if spec.batch_axis is None:
-        if array.ndim != 0:
+        if spec.dims is not None and shape:
             raise InvalidDataError(f"{where} is a scalar in the model; store one value "
-                                   f"(shape ()), not shape {array.shape}")
+                                   f"(shape ()), not shape {shape}")
         return
-    if array.ndim != len(spec.dims):
+    if spec.dims is None:
+        if len(shape) <= spec.batch_axis:
+            raise InvalidDataError(f"{where} holds a single value; store the samples stacked "
+                                   f"along axis {spec.batch_axis}")
+        return
+    if len(shape) != len(spec.dims):
         raise InvalidDataError(
-            f"{where} has {array.ndim} dims {array.shape}, the model declares "
+            f"{where} has {len(shape)} dims {shape}, the model declares "
             f"{len(spec.dims)} {_fmt(spec.dims)} (samples stacked along axis {spec.batch_axis})")
     per_sample = [(i, d) for i, d in enumerate(spec.dims) if i != spec.batch_axis]
     for axis, dim in per_sample:
-        size = array.shape[axis]
+        size = shape[axis]
         if isinstance(dim, int) and dim > 0 and size != dim:
-            have = tuple(array.shape[i] for i, _ in per_sample)
+            have = tuple(shape[i] for i, _ in per_sample)
             want = tuple(d for _, d in per_sample)
             raise InvalidDataError(f"{where}: per-sample shape {have} does not match the "
                                    f"model's {_fmt(want)}")
@@ -249,8 +388,7 @@ def _check_shape(path: Path, spec: InputSpec, array: np.ndarray,
 
 def _check_batching(path: Path, dataset: Dataset) -> None:
     """Same sample count everywhere, not empty, and divisible by a declared batch size."""
-    counts = {s.name: dataset.arrays[s.name].shape[s.batch_axis]
-              for s in dataset.specs if s.batch_axis is not None}
+    counts = dataset.sample_counts()
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise InvalidDataError(f"{path}: inputs have different numbers of samples ({detail})")
@@ -271,28 +409,35 @@ def _check_batching(path: Path, dataset: Dataset) -> None:
                                f"for {total} samples")
 
 
-def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
-    """Read ``path`` and validate it against ``model``'s graph inputs (see module doc)."""
-    path = Path(path)
-    specs = input_specs(model)
-    if not specs:
-        raise InvalidDataError(f"{path}: the model has no inputs to feed")
-    arrays = _read_archive(path)
+def _column(path: Path, spec: InputSpec, reader: NpzReader,
+            symbols: dict[str, tuple[str, int]]) -> _Column:
+    """Check one input (header, then every value in chunks) and say how to read it."""
+    header = reader.header(spec.name)
+    _check_shape(path, spec, header.shape, symbols)
+    _check_dtype(path, spec, header.dtype)
+    if spec.batch_axis is None:  # a scalar: small, kept in memory
+        value = reader.read(spec.name)
+        _check_values(path, spec, header.dtype, iter([value.reshape(-1)]))
+        return _ArrayColumn(value.astype(spec.dtype, copy=False), spec.batch_axis)
+    _check_values(path, spec, header.dtype, reader.scan(spec.name))
+    return _FileColumn(reader, spec.name, spec.batch_axis, spec.dtype)
+
+
+def _load(path: Path, specs: list[InputSpec], reader: NpzReader) -> Dataset:
     names = {s.name for s in specs}
-    missing = [s.name for s in specs if s.name not in arrays]
+    missing = [s.name for s in specs if s.name not in reader.keys]
     if missing:
-        found = ", ".join(sorted(arrays)) or "none"
+        found = ", ".join(sorted(reader.keys)) or "none"
         raise InvalidDataError(f"{path}: missing input '{missing[0]}' (keys found: {found})")
     symbols: dict[str, tuple[str, int]] = {}
-    converted: dict[str, np.ndarray] = {}
-    for spec in specs:
-        _check_shape(path, spec, arrays[spec.name], symbols)
-        converted[spec.name] = _convert(path, spec, arrays[spec.name])
-    labels = arrays.get(LABELS_KEY) if LABELS_KEY not in names else None
+    columns = {spec.name: _column(path, spec, reader, symbols) for spec in specs}
+    labels = reader.read(LABELS_KEY) \
+        if LABELS_KEY in reader.keys and LABELS_KEY not in names else None
     if labels is not None and labels.ndim == 0:
         raise InvalidDataError(f"{path}: '{LABELS_KEY}' must hold one entry per sample")
-    dataset = Dataset(path, specs, converted, labels)
-    extra = sorted(set(arrays) - names - {LABELS_KEY})
+    dataset = Dataset.__new__(Dataset)
+    dataset._init(path, specs, columns, labels, [], None, reader)
+    extra = sorted(set(reader.keys) - names - {LABELS_KEY})
     if extra:
         dataset.notes.append(f"{path}: ignoring keys that are not model inputs: "
                              + ", ".join(extra))
@@ -300,4 +445,19 @@ def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
     return dataset
 
 
-__all__ = ["Dataset", "InputSpec", "LABELS_KEY", "input_specs", "load_npz"]
+def load_npz(path: str | Path, model: onnx.ModelProto) -> Dataset:
+    """Open ``path`` and validate it against ``model``'s graph inputs (see module doc); the
+    returned dataset reads its batches from the file."""
+    path = Path(path)
+    specs = input_specs(model)
+    if not specs:
+        raise InvalidDataError(f"{path}: the model has no inputs to feed")
+    reader = NpzReader(path)
+    try:
+        return _load(path, specs, reader)
+    except BaseException:
+        reader.close()
+        raise
+
+
+__all__ = ["Batches", "Dataset", "InputSpec", "LABELS_KEY", "input_specs", "load_npz"]

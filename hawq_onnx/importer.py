@@ -207,6 +207,19 @@ def _validate_external(file: Path, model: onnx.ModelProto) -> list[_ExternalRef]
     return refs
 
 
+def external_data_files(path: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """``(location, file)`` of every external data file the model at ``path`` references,
+    each once, sorted by location; checked like :func:`load_model` checks them (nothing of
+    the data is read). For hashing a model's inputs (:func:`model_io.model_files_sha256`)."""
+    file = _check_path(path)
+    refs = _validate_external(file, _parse(file, _read_bytes(file)))
+    files: dict[Path, str] = {}
+    for ref in refs:
+        files.setdefault(ref.file, _external_entries(file, ref.tensor)["location"])
+    return sorted(((location, target) for target, location in files.items()),
+                  key=lambda item: (item[0], str(item[1])))
+
+
 def _expected_nbytes(tensor: TensorProto) -> int | None:
     """Byte size of the tensor's raw data, None for types with no fixed size (strings)."""
     count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1

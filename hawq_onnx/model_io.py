@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -290,14 +291,35 @@ def _write_bytes(handle: BinaryIO, data: bytes) -> None:
     handle.write(data)
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere reading it means setting it,
+    which changes it for a moment for every thread, so that is only the fallback."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-def _write_temp(directory: Path, name: str, fill: Callable[[BinaryIO], None]) -> Path:
-    """Write a new temporary file next to the destination; removed again on any failure."""
+def output_mode(dest: Path) -> int:
+    """The permissions ``open(dest, "w")`` would leave: an existing file keeps its mode, a
+    new one gets ``0o666 & ~umask``. Why: ``mkstemp`` creates 0600 files, and a model or
+    report written through it would be unreadable to the rest of a team or a web server."""
+    try:
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _write_temp(directory: Path, name: str, fill: Callable[[BinaryIO], None],
+                mode: int) -> Path:
+    """Write a new temporary file next to the destination with ``mode``; removed again on
+    any failure."""
     fd, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     temp = Path(temp_name)
@@ -306,11 +328,23 @@ def _write_temp(directory: Path, name: str, fill: Callable[[BinaryIO], None]) ->
             fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, _file_mode())
+        os.chmod(temp, mode)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     return temp
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write a whole file (reports, HTML, JSON) the way every output is written: a temporary
+    file in the destination directory, fsynced, given :func:`output_mode`, then renamed into
+    place, so a crash never leaves half a file where a good one was. ``str`` is UTF-8."""
+    dest = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    temp = _write_temp(dest.parent, dest.name, lambda h: _write_bytes(h, payload),
+                       output_mode(dest))
+    _replace_all([(temp, dest)])
+    return dest
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -399,8 +433,8 @@ def save_model(
         out = copy_model(model)
         out.ir_version = ir_version
         data = serialize(out)
-        _replace_all([(_write_temp(dest.parent, dest.name, lambda h: _write_bytes(h, data)),
-                       dest)])
+        _replace_all([(_write_temp(dest.parent, dest.name, lambda h: _write_bytes(h, data),
+                                   output_mode(dest)), dest)])
         return dest
     data_path = dest.with_name(dest.name + ".data")
     if source is not None and _same_file(data_path, Path(source)):
@@ -415,9 +449,10 @@ def save_model(
     model_bytes = serialize(skeleton)
     temps: list[tuple[Path, Path]] = []
     try:
-        temps.append((_write_temp(dest.parent, data_path.name, fill_data), data_path))
-        temps.append((_write_temp(dest.parent, dest.name,
-                                  lambda h: _write_bytes(h, model_bytes)), dest))
+        temps.append((_write_temp(dest.parent, data_path.name, fill_data,
+                                  output_mode(data_path)), data_path))
+        temps.append((_write_temp(dest.parent, dest.name, lambda h: _write_bytes(h, model_bytes),
+                                  output_mode(dest)), dest))
     except BaseException:
         for temp, _ in temps:
             temp.unlink(missing_ok=True)
@@ -446,6 +481,47 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _sha256_and_find(path: Path, needle: bytes) -> tuple[str, bool]:
+    """One streamed pass over a file: its SHA-256 and whether ``needle`` occurs in it."""
+    digest, found, tail = hashlib.sha256(), False, b""
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+            if not found:
+                found = needle in tail + chunk
+                tail = chunk[-(len(needle) - 1):]
+    return digest.hexdigest(), found
+
+
+def model_files_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a model file together with the external data files it references.
+
+    Why: a model's weights may live in ``.data`` files; a hash of the ``.onnx`` bytes alone
+    would not change when they do. A model without external data hashes to its file's
+    SHA-256. With external data it is the SHA-256 of the ``sha256sum``-style listing
+    ``"<hex>  <model file name>\n"`` followed by one such line per data file (named by its
+    location, sorted): ``(sha256sum m.onnx m.onnx.data) | sha256sum`` in the model's folder.
+    Every file is streamed in 1 MiB chunks. The data files are the ones the importer
+    accepts (its path-safety check); a file it refuses, or one that is no ONNX model, hashes
+    as its own bytes, and the command reading it reports the problem.
+    """
+    model_file = Path(path)
+    digest, maybe_external = _sha256_and_find(model_file, b"location")
+    if not maybe_external:  # every external reference needs a "location" entry
+        return digest
+    from hawq_onnx.importer import external_data_files  # the importer imports this module
+
+    try:
+        data_files = external_data_files(model_file)
+    except InvalidModelError:
+        return digest
+    if not data_files:
+        return digest
+    listing = [f"{digest}  {model_file.name}"]
+    listing += [f"{file_sha256(file)}  {location}" for location, file in data_files]
+    return hashlib.sha256(("\n".join(listing) + "\n").encode("utf-8")).hexdigest()
 
 
 def model_sha256(model: onnx.ModelProto) -> str:

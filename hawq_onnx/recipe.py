@@ -35,6 +35,8 @@ from hawq_onnx.errors import HawqError
 CONFIG_OPTION = "--config"
 #: destinations that name files a command reads (hashed into the report).
 INPUT_DESTS = ("model", "float_model", "quant_model", "calib", "eval", "check")
+#: input destinations that name ONNX models (their external data is hashed with them).
+_MODEL_DESTS = frozenset({"model", "float_model", "quant_model"})
 #: options that change what is printed, not what is built (left out of the resolved recipe).
 PRESENTATION_DESTS = frozenset({"help", "version", "config", "verbose", "json"})
 #: packages whose versions can change the bytes a build produces.
@@ -287,15 +289,25 @@ def file_sha256(path: Path) -> str | None:
         return None
 
 
+def _model_sha256(path: Path) -> str | None:
+    """:func:`file_sha256` for an ONNX model: its external data files count too."""
+    from hawq_onnx.model_io import model_files_sha256  # onnx only when a model is hashed
+
+    try:
+        return model_files_sha256(path) if path.is_file() else None
+    except OSError:
+        return None
+
+
 def input_hashes(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    """``{dest: {"path", "sha256"}}`` for every input file that exists (model bytes only:
-    external-data files are named inside the model and checked when it is loaded)."""
+    """``{dest: {"path", "sha256"}}`` for every input file that exists; a model's digest
+    covers the external data files it references (``model_io.model_files_sha256``)."""
     hashes: dict[str, dict[str, str]] = {}
     for dest in INPUT_DESTS:
         value = getattr(args, dest, None)
         if not isinstance(value, Path):
             continue
-        digest = file_sha256(value)
+        digest = _model_sha256(value) if dest in _MODEL_DESTS else file_sha256(value)
         if digest is not None:
             hashes[dest] = {"path": str(value), "sha256": digest}
     return hashes

@@ -14,12 +14,12 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hawq_onnx.errors import HawqError
+from hawq_onnx.model_io import write_atomic
 from hawq_onnx.recipe import dump_recipe
 
 #: chart geometry (CSS pixels); the page is designed for ~1200 px wide windows.
@@ -399,7 +399,12 @@ def mixed_section(report: Mapping[str, Any]) -> str:
     request = mixed.get("request") if isinstance(mixed.get("request"), Mapping) else {}
     totals = mixed.get("totals") if isinstance(mixed.get("totals"), Mapping) else {}
     rows = [("candidate bits", ", ".join(str(b) for b in mixed.get("candidate_bits") or [])),
+            ("candidate activation bits",
+             ", ".join(str(b) for b in mixed.get("candidate_act_bits") or [])),
             ("loss model", mixed.get("loss_model")), ("solver status", mixed.get("status"))]
+    acts = mixed.get("activations") if isinstance(mixed.get("activations"), list) else []
+    rows += [(f"activation {_short(str(a.get('tensor', '')), 48)}", f"{a.get('bits')} bits")
+             for a in acts if isinstance(a, Mapping)]
     rows += [(f"requested {k.replace('_', ' ')}", v) for k, v in request.items()
              if v not in (None, False)]
     rows += [(k.replace("_", " "), _bytes(v) if k.endswith("bytes") else _fmt(v))
@@ -539,31 +544,16 @@ def render_html(report: Mapping[str, Any]) -> str:
             "</body></html>\n")
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_html(path: str | os.PathLike[str], report: Mapping[str, Any]) -> Path:
-    """Render and write atomically (temporary file + rename; nothing partial on failure)."""
+    """Render and write atomically (``model_io.write_atomic``: nothing partial on failure,
+    ordinary file permissions)."""
     target = Path(path)
     text = render_html(report)
     try:
-        fd, temp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".",
-                                    prefix=f".{target.name}.", suffix=".tmp")
+        return write_atomic(target, text)
     except OSError as exc:
         raise HawqError(f"cannot write the HTML report {target}: "
                         f"{exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temp, _file_mode())  # mkstemp makes 0600; a report is for other readers too
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 __all__ = ["bit_chart", "layer_table", "metrics_table", "pareto_chart", "render_html",

@@ -623,12 +623,15 @@ def test_model_above_two_gigabytes(scratch: Path, capsys: pytest.CaptureFixture[
     _round_trip_big_model(scratch, capsys, rows=24_576, cols=24_000)
 
 
-def test_input_hashes_of_external_data_models_cover_the_model_file(
+def test_input_hashes_of_external_data_models_cover_the_model_and_its_data(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The digest of the ``sha256sum`` listing of the model file and its data file."""
     folder = tmp_path / "model"
     path = _external_model(folder, "inside.bin")
     (folder / "inside.bin").write_bytes((tmp_path / "outside.bin").read_bytes())
     assert main(["quantize", str(path), "-o", str(folder / "q.onnx"), "--act-bits", "none",
                  "--json"]) == 0
     build = json.loads(capsys.readouterr().out)["result"]["build"]
-    assert build["inputs"]["model"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    listing = "".join(f"{hashlib.sha256(file.read_bytes()).hexdigest()}  {file.name}\n"
+                      for file in (path, folder / "inside.bin"))
+    assert build["inputs"]["model"]["sha256"] == hashlib.sha256(listing.encode()).hexdigest()

@@ -86,6 +86,10 @@ def _coarsen(counts: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
 
 
 def _kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """KL(reference || candidate); infinite when the candidate is empty (every value of
+    the kept range lies in the clipped tail), not 0/0."""
+    if candidate.sum() <= 0:
+        return math.inf
     p = reference / reference.sum()
     q = candidate / candidate.sum()
     mask = p > 0
@@ -152,19 +156,20 @@ def _entropy_range(hist: StreamingHistogram, spec: ActSpec) -> tuple[float, floa
 
 def _scales_and_zero_points(lows: np.ndarray, highs: np.ndarray, spec: ActSpec
                             ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Vectorized :func:`hawq_onnx.quant.activations.act_qparams`."""
+    """Vectorized :func:`hawq_onnx.quant.activations.act_qparams`: the float32 scale is
+    what the model stores, so a range too small (or too large) for float32 gets act_qparams'
+    fallback scale 1.0 after rounding, never a zero that divides."""
     lows, highs = np.minimum(lows, 0.0), np.maximum(highs, 0.0)
     if spec.symmetric:
-        qmax = 2 ** (spec.bits - 1) - 1
+        qmin, qmax = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
         scales = np.maximum(np.abs(lows), np.abs(highs)) / qmax
-        zero_points = np.zeros_like(scales)
-        qmin = -qmax - 1
     else:
         qmin, qmax = 0, 2**spec.bits - 1
         scales = (highs - lows) / qmax
-        scales = np.where(scales > 0, scales, 1.0)
-        zero_points = np.clip(np.rint(-lows / scales), 0, qmax)
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32).astype(np.float64)
+    scales = scales.astype(np.float32).astype(np.float64)
+    scales = np.where(np.isfinite(scales) & (scales > 0), scales, 1.0)
+    zero_points = np.zeros_like(scales) if spec.symmetric else \
+        np.clip(np.rint(-lows / scales), 0, qmax)
     return scales, zero_points, qmin, qmax
 
 

@@ -7,6 +7,7 @@ temporary directory that is removed as soon as the session has loaded them.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -39,14 +40,22 @@ def session_options(*, threads: int | None = None, level: str = "all",
 
 
 def make_session(model: onnx.ModelProto | str | Path,
-                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """A CPU session for a model object or a file path."""
+                 options: ort.SessionOptions | None = None, *,
+                 what: str | None = None) -> ort.InferenceSession:
+    """A CPU session for a model object or a file path.
+
+    A refusal is one line, "onnxruntime cannot load WHAT: reason", with ``what`` naming the
+    model (default: its path, or "the model"); callers pass ``what`` instead of wrapping the
+    error again, so the prefix appears once.
+    """
     try:
         return _make_session(model, options or session_options())
     except HawqError:
         raise
     except Exception as exc:  # onnxruntime's exception types are not importable API
-        raise InvalidModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") \
+        if what is None:
+            what = str(model) if isinstance(model, (str, Path)) else "the model"
+        raise InvalidModelError(f"onnxruntime cannot load {what}: {_load_reason(exc)}") \
             from exc
 
 
@@ -64,6 +73,15 @@ def run_session(session: ort.InferenceSession, names: list[str] | None,
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _load_reason(exc: BaseException) -> str:
+    """onnxruntime's first line without its own framing: "[ONNXRuntimeError] : 1 : FAIL :"
+    and "Load model from PATH failed:" only repeat what the caller's message says."""
+    reason = _first_line(exc)
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    reason = re.sub(r"^Load model from .*? failed:\s*", "", reason)
+    return reason or type(exc).__name__
 
 
 def _make_session(model: onnx.ModelProto | str | Path,

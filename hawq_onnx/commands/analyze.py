@@ -8,9 +8,7 @@ by (model, data, settings); ``--no-cache`` forces a fresh run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from hawq_onnx.analysis import AnalysisSettings, analyze
 from hawq_onnx.commands.argtypes import non_negative_int, positive_float, positive_int
 from hawq_onnx.hessian.hvp import DEFAULT_MODE, HVP_MODES
 from hawq_onnx.hessian.result import AnalysisResult
+from hawq_onnx.model_io import write_atomic
 from hawq_onnx.recipe import provenance
 
 
@@ -69,12 +68,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-
-
-
-
-
-
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
@@ -104,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print(render_table(result))
     print(render_summary(result, elapsed))
     if args.report is not None:
-        _write_text(args.report, result.to_json() + "\n")
+        write_atomic(args.report, result.to_json() + "\n")
         print(f"report: {args.report}")
     if args.report_html is not None:
         from hawq_onnx.report_html import write_html
@@ -172,18 +165,6 @@ def _pm(value: float, se: float | None) -> str:
 
 def _trim(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write: a temporary file next to ``path``, then ``os.replace``."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 class _ProgressBars:

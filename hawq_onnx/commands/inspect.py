@@ -24,6 +24,7 @@ from hawq_onnx.errors import UnsupportedOpError
 from hawq_onnx.graph import GraphView
 from hawq_onnx.importer import ImportedModel, load_model
 from hawq_onnx.mirror import unsupported_op_types
+from hawq_onnx.model_io import model_files_sha256
 from hawq_onnx.parity import DEFAULT_TOLERANCE, ParityReport, check_parity
 
 
@@ -92,10 +93,12 @@ def _json_safe(value: Any) -> Any:
 
 # ---------------------------------------------------------------------- summary
 def _import_summary(imported: ImportedModel) -> dict[str, Any]:
-    """What loading changed (opset upgrade, lifted constants, folded BatchNorms)."""
+    """What loading changed (opset upgrade, lifted constants, folded BatchNorms). The digest
+    is the one build reports record for the model (external data files included)."""
+    digest = model_files_sha256(imported.path) if imported.external_data else imported.sha256
     return {"original_opset": imported.original_opset,
             "original_ir_version": int(imported.original_ir_version),
-            "sha256": imported.sha256,
+            "sha256": digest,
             "passes": [r.to_dict() for r in imported.reports if r.changed]}
 
 

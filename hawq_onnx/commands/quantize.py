@@ -7,23 +7,23 @@ validated against the float one (accuracy, SQNR, size, latency).
 
 Mixed precision: a budget (``--avg-weight-bits``, ``--size-budget``, ``--bops-budget``,
 ``--latency-budget``) or an accuracy target (``--max-drop X --eval EVAL.npz``) chooses each
-layer's weight width from ``--candidate-bits`` (see :mod:`hawq_onnx.mixed.pipeline`); exit 1
-when the target cannot be met, with the best model still written.
+layer's weight width from ``--candidate-bits`` (see :mod:`hawq_onnx.mixed.pipeline`), and with
+``--candidate-act-bits 8,16`` each activation quantizer's width too; exit 1 when the target
+cannot be met, with the best model still written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from hawq_onnx.commands.argtypes import positive_int
-from hawq_onnx.quant.plan import CALIB_METHODS, DEFAULT_CALIB_METHOD, WEIGHT_BITS
+from hawq_onnx.model_io import write_atomic
+from hawq_onnx.quant.plan import ACT_BITS, CALIB_METHODS, DEFAULT_CALIB_METHOD, WEIGHT_BITS
 from hawq_onnx.quantize import QuantizeOptions, quantize
 from hawq_onnx.recipe import provenance
 from hawq_onnx.report_html import write_html
@@ -115,17 +115,8 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic JSON write (a temporary file renamed into place)."""
-    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
-    fd, temp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                                prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Atomic JSON write with ordinary file permissions (``model_io.write_atomic``)."""
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def summary_lines(report: dict[str, Any], output: Path) -> list[str]:
@@ -246,6 +237,17 @@ def _bits_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _act_bits_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        values = ()
+    if not values or any(v not in ACT_BITS for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated activation widths from "
+                                         f"{ACT_BITS}, got '{text}'")
+    return values
+
+
 def _pin(text: str) -> tuple[str, int]:
     name, sep, bits = text.rpartition("=")
     if not sep or not name or not bits.strip().isdigit():
@@ -260,6 +262,11 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
         "sensitivities (plus inter-layer corrections); give one budget or --max-drop")
     group.add_argument("--candidate-bits", type=_bits_list, metavar="B,B,...",
                        help="widths a layer may take (default 2,3,4,6,8)")
+    group.add_argument("--candidate-act-bits", type=_act_bits_list, metavar="B,B",
+                       help="also allocate activation widths, e.g. 8,16: one per activation "
+                            "quantizer feeding a weighted layer, jointly with the weights "
+                            "(BOPs/latency priced per pair; 16 bits needs opset 21). Default: "
+                            "activations stay at --act-bits")
     group.add_argument("--avg-weight-bits", type=_avg_bits, metavar="BITS",
                        help="parameter-weighted average weight width (float weights count 32)")
     group.add_argument("--size-budget", type=_size, metavar="SIZE",
@@ -285,6 +292,10 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
                        help="measure interactions of layers within K hops (default 1)")
     group.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=BITS",
                        help="fix a weight's (or layer node's) width (repeatable)")
+    group.add_argument("--pin-act", action="append", type=_pin, default=[],
+                       metavar="TENSOR=BITS",
+                       help="fix an activation quantizer's width, named by its tensor or a "
+                            "layer input it quantizes (repeatable; needs --candidate-act-bits)")
     group.add_argument("--pin-first-last", type=int, metavar="BITS",
                        help="fix the first and last weighted layers' width (HAWQ-V3: 8)")
     group.add_argument("--analysis-samples", type=positive_int, default=256, metavar="N",
@@ -313,6 +324,8 @@ def mixed_requested(args: argparse.Namespace) -> bool:
         return True
     alone = [flag for flag, given in (
         ("--candidate-bits", args.candidate_bits is not None), ("--pin", bool(args.pin)),
+        ("--candidate-act-bits", args.candidate_act_bits is not None),
+        ("--pin-act", bool(args.pin_act)),
         ("--pin-first-last", args.pin_first_last is not None),
         ("--pareto-plot", args.pareto_plot is not None),
         ("--interactions", args.interactions != "both")) if given]
@@ -329,6 +342,7 @@ def mixed_options_from_args(args: argparse.Namespace) -> Any:
 
     return MixedOptions(
         candidate_bits=args.candidate_bits or (2, 3, 4, 6, 8),
+        candidate_act_bits=args.candidate_act_bits, act_pins=tuple(args.pin_act),
         avg_weight_bits=args.avg_weight_bits, size_budget=args.size_budget,
         bops_budget=args.bops_budget, latency_budget=args.latency_budget,
         max_drop=args.max_drop, minimize=_MINIMIZE[args.minimize],
@@ -346,6 +360,10 @@ def mixed_summary_lines(mixed: dict[str, Any]) -> list[str]:
     lines = [f"mixed precision ({mixed['loss_model']} loss model): widths {widths}; "
              f"average weight bits {totals['avg_weight_bits']}; predicted dL "
              f"{totals['predicted_dl']}, measured dL {totals['measured_dl']} (held out)"]
+    if mixed.get("activations"):
+        acts = " ".join(str(a["bits"]) for a in mixed["activations"])
+        lines.append(f"activation widths {acts} ({len(mixed['activations'])} quantizers "
+                     f"feeding weighted layers); BOPs {totals['bops']}")
     spearman = mixed.get("spearman")
     if spearman:
         parts = ", ".join(f"{k} {v}" for k, v in spearman["spearman"].items())

@@ -50,8 +50,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-
-
 def run(args: argparse.Namespace) -> int:
     metrics = evaluate(args.float_model, args.quant_model, args.eval,
                        labels_key=args.labels_key, batch_size=args.batch_size,

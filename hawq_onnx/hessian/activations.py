@@ -44,7 +44,7 @@ def activation_sampler(objective: Objective, tensor_names: Sequence[str],
 def reached_tensors(objective: Objective, tensor_names: Sequence[str]) -> list[str]:
     """The names among ``tensor_names`` that a forward pass produces as float tensors
     (constants folded at construction never reach a hook)."""
-    deltas = _perturb_and_run(objective, objective.batches[0], list(tensor_names))[1]
+    deltas = _perturb_and_run(objective, objective.batches.first(), list(tensor_names))[1]
     return [n for n in tensor_names if n in deltas]
 
 

@@ -2,14 +2,21 @@
 
 Why a separate object: every estimator (weight HVPs, activation traces, gradients for the
 bench) needs the same thing: "for each micro-batch, the loss and its weight". Targets for KL
-and MSE are the float model's outputs, computed once here (outputs are small next to the
-activations, which are never kept beyond one micro-batch).
+and MSE are the float model's outputs, computed once here.
+
+Memory is bounded by one micro-batch whatever the number of samples: the batches are read
+again from their source on every pass (a :class:`hawq_onnx.data.Batches` reads them from
+the data file), and the float targets wait in an anonymous temporary file between passes
+(outputs are usually small next to the inputs, but a dense-prediction model's are not).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -18,6 +25,8 @@ from hawq_onnx.errors import InvalidDataError
 from hawq_onnx.hessian.losses import OutputLoss, output_loss, resolve_losses
 from hawq_onnx.mirror.dtypes import to_torch
 from hawq_onnx.mirror.module import Mirror
+
+Feeds = Mapping[str, np.ndarray]
 
 
 @dataclass
@@ -31,12 +40,17 @@ class MicroBatch:
 
 
 class Objective:
-    """``L(θ) = Σ_b (n_b / N) · loss_b(θ)`` over the calibration micro-batches."""
+    """``L(θ) = Σ_b (n_b / N) · loss_b(θ)`` over the calibration micro-batches.
+
+    ``batches`` is iterated once per pass, so it should be re-iterable (a list, or a
+    dataset's :meth:`~hawq_onnx.data.Dataset.batched` view that reads from disk); a one-shot
+    iterator is kept as a list.
+    """
 
     def __init__(
         self,
         mirror: Mirror,
-        batches: Iterable[Mapping[str, np.ndarray]],
+        batches: Iterable[Feeds],
         labels: np.ndarray | None = None,
         loss: str = "auto",
         outputs: Sequence[str] | None = None,
@@ -44,14 +58,9 @@ class Objective:
     ) -> None:
         self.mirror = mirror
         self.temperature = float(temperature)
-        self.batches = _micro_batches(mirror, batches, labels)
-        if not self.batches:
-            raise InvalidDataError("no calibration samples")
-        self.total = sum(b.size for b in self.batches)
-        first = self._float_outputs(self.batches[0])
-        self.losses: list[OutputLoss] = resolve_losses(
-            loss, mirror.output_names, first, outputs, labels is not None)
-        self._fill_targets()
+        self.batches = MicroBatches(_reiterable(batches), mirror.input_names, labels)
+        self.losses: list[OutputLoss] = []
+        self.total = self._set_up(loss, outputs, labels is not None)
 
     def weight(self, batch: MicroBatch) -> float:
         return batch.size / self.total
@@ -89,37 +98,125 @@ class Objective:
         with torch.no_grad():
             return tuple(o.detach() for o in self.mirror(**self.feeds(batch)))
 
-    def _fill_targets(self) -> None:
-        needs_target = [spec.kind in ("kl", "mse") for spec in self.losses]
-        for batch in self.batches:
-            outputs = self._float_outputs(batch) if any(needs_target) else ()
-            batch.targets = tuple(
-                outputs[spec.index].cpu() if need else None
-                for spec, need in zip(self.losses, needs_target, strict=True))
+    def _set_up(self, loss: str, outputs: Sequence[str] | None, has_labels: bool) -> int:
+        """One pass over the data: check it, resolve the losses on the first batch, and
+        store the float targets the KL and MSE losses compare with. Returns the sample
+        count."""
+        needs_target: list[bool] = []
+        total, count = 0, 0
+        for index, batch in enumerate(self.batches):
+            if index == 0:
+                first = self._float_outputs(batch)
+                self.losses = resolve_losses(loss, self.mirror.output_names, first, outputs,
+                                             has_labels)
+                needs_target = [spec.kind in ("kl", "mse") for spec in self.losses]
+            if any(needs_target):
+                values = first if index == 0 else self._float_outputs(batch)
+                self.batches.store_targets(index, tuple(
+                    values[spec.index].cpu() if need else None
+                    for spec, need in zip(self.losses, needs_target, strict=True)))
+            else:
+                self.batches.store_targets(index, (None,) * len(self.losses))
+            total, count = total + batch.size, count + 1
+        if not count:
+            raise InvalidDataError("no calibration samples")
+        return total
 
 
-def _micro_batches(mirror: Mirror, batches: Iterable[Mapping[str, np.ndarray]],
-                   labels: np.ndarray | None) -> list[MicroBatch]:
-    """Convert numpy batches; labels are sliced in order, batch by batch."""
-    out: list[MicroBatch] = []
-    offset = 0
-    for feeds in batches:
-        missing = [n for n in mirror.input_names if n not in feeds]
+class MicroBatches:
+    """The micro-batches of an :class:`Objective`: every ``iter()`` is a new pass that reads
+    the feeds from their source, slices the labels and fetches the stored targets, holding
+    one micro-batch at a time."""
+
+    def __init__(self, source: Iterable[Feeds], input_names: Sequence[str],
+                 labels: np.ndarray | None) -> None:
+        self._source = source
+        self._names = list(input_names)
+        self._labels = labels
+        self._targets = _TargetStore()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        offset = 0
+        for index, feeds in enumerate(self._source):
+            batch = self._micro_batch(feeds, offset)
+            batch.targets = self._targets.get(index)
+            offset += batch.size
+            yield batch
+        if self._labels is not None and offset != len(self._labels):
+            raise InvalidDataError(f"{len(self._labels)} labels for {offset} samples")
+
+    def first(self) -> MicroBatch:
+        """The first micro-batch (reads only it)."""
+        for batch in self:
+            return batch
+        raise InvalidDataError("no calibration samples")
+
+    def store_targets(self, index: int, targets: tuple[torch.Tensor | None, ...]) -> None:
+        self._targets.put(index, targets)
+        self._count = max(self._count, index + 1)
+
+    def _micro_batch(self, feeds: Feeds, offset: int) -> MicroBatch:
+        """Numpy feeds to CPU tensors; the labels of its samples, in order."""
+        missing = [n for n in self._names if n not in feeds]
         if missing:
             raise InvalidDataError(f"calibration batch lacks model input(s) {missing}")
-        tensors = {n: to_torch(np.asarray(feeds[n])) for n in mirror.input_names}
+        tensors = {n: to_torch(np.asarray(feeds[n])) for n in self._names}
         size = _batch_size(tensors)
         batch_labels = None
-        if labels is not None:
-            if offset + size > len(labels):
+        if self._labels is not None:
+            if offset + size > len(self._labels):
                 raise InvalidDataError(
-                    f"{len(labels)} labels for at least {offset + size} samples")
-            batch_labels = torch.as_tensor(np.asarray(labels[offset:offset + size]))
-        offset += size
-        out.append(MicroBatch(tensors, size, batch_labels))
-    if labels is not None and offset != len(labels):
-        raise InvalidDataError(f"{len(labels)} labels for {offset} samples")
-    return out
+                    f"{len(self._labels)} labels for at least {offset + size} samples")
+            batch_labels = torch.as_tensor(np.asarray(self._labels[offset:offset + size]))
+        return MicroBatch(tensors, size, batch_labels)
+
+
+class _TargetStore:
+    """Float targets per micro-batch, in an anonymous temporary file (deleted with the store
+    or the process): their total grows with the calibration set, one batch's does not."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._size = 0
+        self._entries: dict[int, tuple[tuple[int, torch.dtype, tuple[int, ...]] | None, ...]] = {}
+
+    def put(self, index: int, targets: tuple[torch.Tensor | None, ...]) -> None:
+        self._entries[index] = tuple(None if t is None else self._write(t) for t in targets)
+
+    def get(self, index: int) -> tuple[torch.Tensor | None, ...]:
+        return tuple(None if e is None else self._read(*e)
+                     for e in self._entries.get(index, ()))
+
+    def _write(self, tensor: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="hawq-targets-")  # noqa: SIM115
+            weakref.finalize(self, self._file.close)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = self._size
+        self._file.seek(offset)
+        self._file.write(memoryview(data))
+        self._size += data.nbytes
+        return offset, tensor.dtype, tuple(tensor.shape)
+
+    def _read(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        buffer = np.empty(nbytes, np.uint8)
+        if nbytes:
+            assert self._file is not None
+            self._file.seek(offset)
+            if self._file.readinto(memoryview(buffer)) != nbytes:
+                raise OSError("the temporary file of float targets is shorter than written")
+        return torch.from_numpy(buffer).view(dtype).reshape(shape)
+
+
+def _reiterable(batches: Iterable[Feeds]) -> Iterable[Feeds]:
+    """Lists and views as they are; a one-shot iterator (a generator) becomes a list, since
+    every pass iterates again."""
+    return list(batches) if iter(batches) is batches else batches
 
 
 def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:

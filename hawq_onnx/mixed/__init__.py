@@ -2,6 +2,7 @@
 
 from hawq_onnx.mixed.ilp import pareto_front, solve
 from hawq_onnx.mixed.problem import (
+    ActUnit,
     Allocation,
     AllocationProblem,
     AllocationProblemError,
@@ -10,5 +11,5 @@ from hawq_onnx.mixed.problem import (
     LayerChoice,
 )
 
-__all__ = ["Allocation", "AllocationProblem", "AllocationProblemError", "Budget",
+__all__ = ["ActUnit", "Allocation", "AllocationProblem", "AllocationProblemError", "Budget",
            "InfeasibleBudgetError", "LayerChoice", "pareto_front", "solve"]

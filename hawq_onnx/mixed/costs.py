@@ -7,7 +7,9 @@ opset and onnxruntime allow it). Scales and zero points do not depend on the wid
 they are left out (they shift every allocation equally).
 
 **BOPs.** ``MACs · b_w · b_a`` per unit, with the other operand's width fixed (activation
-bits when weight widths are allocated, and vice versa).
+bits when weight widths are allocated, and vice versa). When both widths are allocated
+(:func:`joint_bops`), each layer adds ``MACs · b_w · b_a`` to the ``[B, C]`` table of its
+(weight unit, activation unit) pair, which the ILP linearizes exactly.
 
 **Latency (measured, never assumed).** onnxruntime fuses only 8-bit Q/DQ groups into
 integer kernels; other widths run as DequantizeLinear -> float op, int4 helps only blockwise
@@ -28,6 +30,12 @@ MatMul, 16-bit activations are not fused at all. So for every weighted layer of 
    times to last ``min_run_s``; the statistic is the median per-run time over rounds;
 4. the table entry is ``median(variant) − median(Identity)``, clipped at 0, summed over the
    unit's layers: the layer's in-graph cost, so per-layer entries add up to a model total.
+
+Joint allocation (:func:`joint_latency_table`): each layer is timed at every (weight width,
+activation width) pair, with the one-layer model's activations (its input, and its output
+where the exporter quantizes it) at that activation width; entries go to the same
+``[B, C]`` tables as BOPs. The output's real width is that of the next layer's input
+quantizer: one-layer timing cannot see that, and prices it with the input's width.
 
 One-layer timing ignores cross-layer effects (cache reuse, Q/DQ pairs removed between two
 integer kernels); it ranks widths of one layer correctly, which is what the allocator needs.
@@ -61,6 +69,7 @@ from hawq_onnx.graph import GraphView, QuantizableLayer
 from hawq_onnx.hessian.cache import default_cache_dir
 from hawq_onnx.mixed.problem import LayerChoice
 from hawq_onnx.mixed.sensitivity import weight_spec_at
+from hawq_onnx.mixed.ties import LayerLink
 from hawq_onnx.model_io import required_ir_version
 from hawq_onnx.quant.containers import container_bits, int2_fuses_safely
 from hawq_onnx.quant.plan import ActSpec, WeightSpec
@@ -91,6 +100,28 @@ def bops_table(choices: Sequence[LayerChoice], candidate_bits: Sequence[int],
     macs = np.array([c.macs for c in choices], dtype=np.float64)
     other = np.broadcast_to(np.asarray(other_bits, dtype=np.float64), macs.shape)
     return (macs * other)[:, None] * np.asarray(candidate_bits, dtype=np.float64)[None, :]
+
+
+JointTables = dict[tuple[int, int], np.ndarray]
+
+
+def joint_bops(links: Sequence[LayerLink], n_units: int, candidate_bits: Sequence[int],
+               act_bits: Sequence[int], fixed_act_bits: float = 8
+               ) -> tuple[np.ndarray, JointTables]:
+    """BOPs when weight and activation widths are both allocated: ``[L, B]`` for layers whose
+    activation width is fixed (``fixed_act_bits``), and ``{(unit, act unit): [B, C]}``
+    ``Σ MACs · b_w · b_a`` for the others."""
+    w = np.asarray(candidate_bits, dtype=np.float64)
+    a = np.asarray(act_bits, dtype=np.float64)
+    unary = np.zeros((n_units, len(w)))
+    joint: JointTables = {}
+    for link in links:
+        if link.act is None:
+            unary[link.unit] += link.macs * fixed_act_bits * w
+            continue
+        key = (link.unit, link.act)
+        joint[key] = joint.get(key, np.zeros((len(w), len(a)))) + link.macs * np.outer(w, a)
+    return unary, joint
 
 
 # ----------------------------------------------------------------------------- latency
@@ -421,14 +452,17 @@ def default_target_opset(candidate_bits: Sequence[int], settings: LatencySetting
 def measure_layer(view: GraphView, layer: QuantizableLayer, candidate_bits: Sequence[int],
                   settings: LatencySettings, cache: LatencyCache | None,
                   opsets: Sequence[Any], target_opset: int,
-                  shapes: Mapping[str, tuple[tuple[int, ...], int]] | None = None
+                  shapes: Mapping[str, tuple[tuple[int, ...], int]] | None = None,
+                  variants: Sequence[tuple[int | None, int | None]] | None = None
                   ) -> tuple[dict[str, float], int, int]:
-    """Seconds per variant name for one layer (``float``, ``overhead`` and each column);
-    returns (times, measured count, cached count)."""
+    """Seconds per variant name for one layer (``float``, ``overhead`` and each column, or
+    each explicit (weight bits, activation bits) of ``variants``); returns (times, measured
+    count, cached count)."""
     float_layer = one_layer_model(view, layer, opsets, shapes)
     env = environment(settings)
     signature = layer_signature(float_layer)
-    columns = {_variant_name(*settings.variant(b)): settings.variant(b) for b in candidate_bits}
+    pairs = variants if variants is not None else [settings.variant(b) for b in candidate_bits]
+    columns = {_variant_name(*pair): pair for pair in pairs}
     wanted = ["float", "overhead", *columns]
     keys = {name: _variant_key(env, {**signature, "target_opset": target_opset}, name,
                                settings) for name in wanted}
@@ -455,6 +489,32 @@ def measure_layer(view: GraphView, layer: QuantizableLayer, candidate_bits: Sequ
     return times, len(measured), len(wanted) - len(missing)
 
 
+@dataclass
+class _Prepared:
+    """The concrete model, its view, observed shapes and weighted layers by weight."""
+
+    concrete: onnx.ModelProto
+    view: GraphView
+    shapes: dict[str, tuple[tuple[int, ...], int]]
+    by_weight: dict[str, list[QuantizableLayer]]
+
+
+def _prepare(model: onnx.ModelProto, settings: LatencySettings,
+             input_shapes: Mapping[str, Sequence[int]] | None) -> _Prepared:
+    concrete = concrete_model(model, settings.batch, input_shapes)
+    view = GraphView(concrete)
+    by_weight: dict[str, list[QuantizableLayer]] = {}
+    for layer in view.quantizable_layers():
+        if layer.weight:
+            by_weight.setdefault(layer.weight, []).append(layer)
+    unknown = sorted({t for layers in by_weight.values() for layer in layers
+                      for t in _activation_inputs(view, layer)
+                      if not _is_concrete(view.shape(t))})
+    shapes = observed_shapes(concrete, unknown, settings.seed,
+                             {t: view.elem_type(t) for t in unknown})
+    return _Prepared(concrete, view, shapes, by_weight)
+
+
 def latency_table(model: onnx.ModelProto, choices: Sequence[LayerChoice],
                   candidate_bits: Sequence[int], *, settings: LatencySettings | None = None,
                   input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -467,27 +527,18 @@ def latency_table(model: onnx.ModelProto, choices: Sequence[LayerChoice],
     """
     settings = settings or LatencySettings()
     target = settings.target_opset or default_target_opset(candidate_bits, settings)
-    concrete = concrete_model(model, settings.batch, input_shapes)
-    view = GraphView(concrete)
+    prepared = _prepare(model, settings, input_shapes)
     cache = LatencyCache(cache_dir) if use_cache else None
-    by_weight: dict[str, list[QuantizableLayer]] = {}
-    for layer in view.quantizable_layers():
-        if layer.weight:
-            by_weight.setdefault(layer.weight, []).append(layer)
-    unknown = sorted({t for layers in by_weight.values() for layer in layers
-                      for t in _activation_inputs(view, layer)
-                      if not _is_concrete(view.shape(t))})
-    shapes = observed_shapes(concrete, unknown, settings.seed,
-                             {t: view.elem_type(t) for t in unknown})
     seconds = np.zeros((len(choices), len(candidate_bits)))
     floats = np.zeros(len(choices))
     measured = cached = 0
     for i, choice in enumerate(choices):
         for name in choice.names:
-            for layer in by_weight.get(name, []):
-                times, fresh, hits = measure_layer(view, layer, candidate_bits, settings,
-                                                   cache, concrete.opset_import, target,
-                                                   shapes)
+            for layer in prepared.by_weight.get(name, []):
+                times, fresh, hits = measure_layer(prepared.view, layer, candidate_bits,
+                                                   settings, cache,
+                                                   prepared.concrete.opset_import, target,
+                                                   prepared.shapes)
                 measured, cached = measured + fresh, cached + hits
                 overhead = times["overhead"]
                 floats[i] += max(times["float"] - overhead, 0.0)
@@ -498,7 +549,57 @@ def latency_table(model: onnx.ModelProto, choices: Sequence[LayerChoice],
                         environment(settings), measured, cached)
 
 
-__all__ = ["LatencyCache", "LatencySettings", "LatencyTable", "bops_table", "concrete_model",
-           "cpu_model", "default_target_opset", "identity_model", "latency_table",
+@dataclass
+class JointLatency:
+    """Latency when weight and activation widths are both allocated (seconds): ``unary``
+    [L, B] for layers whose activation width is fixed (at ``settings.act_bits``), ``joint``
+    ``{(unit, act unit): [B, C]}`` for the others."""
+
+    unary: np.ndarray
+    joint: JointTables
+    measured: int = 0
+    cached: int = 0
+
+
+def joint_latency_table(model: onnx.ModelProto, links: Sequence[LayerLink], n_units: int,
+                        candidate_bits: Sequence[int], act_bits: Sequence[int], *,
+                        settings: LatencySettings | None = None,
+                        input_shapes: Mapping[str, Sequence[int]] | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, use_cache: bool = True
+                        ) -> JointLatency:
+    """Each linked layer timed at every (b_w, b_a) pair (see the module docstring); the
+    layers are found by node name in ``model`` (the float model the links come from)."""
+    settings = settings or LatencySettings()
+    fixed = settings.act_bits
+    target = settings.target_opset or needed_opset(
+        candidate_bits, [*act_bits, *([fixed] if fixed else [])],
+        grouped=settings.base.granularity == "group")
+    prepared = _prepare(model, settings, input_shapes)
+    by_node = {layer.node: layer for layers in prepared.by_weight.values() for layer in layers}
+    cache = LatencyCache(cache_dir) if use_cache else None
+    out = JointLatency(np.zeros((n_units, len(candidate_bits))), {})
+    for link in links:
+        layer = by_node.get(link.node)
+        if layer is None:
+            continue
+        widths = [fixed] if link.act is None else list(act_bits)
+        variants = [(w, a) for w in candidate_bits for a in widths]
+        times, fresh, hits = measure_layer(prepared.view, layer, candidate_bits, settings,
+                                           cache, prepared.concrete.opset_import, target,
+                                           prepared.shapes, variants)
+        out.measured, out.cached = out.measured + fresh, out.cached + hits
+        table = np.array([[max(times[_variant_name(w, a)] - times["overhead"], 0.0)
+                           for a in widths] for w in candidate_bits])
+        if link.act is None:
+            out.unary[link.unit] += table[:, 0]
+        else:
+            key = (link.unit, link.act)
+            out.joint[key] = out.joint.get(key, np.zeros_like(table)) + table
+    return out
+
+
+__all__ = ["JointLatency", "LatencyCache", "LatencySettings", "LatencyTable", "bops_table",
+           "concrete_model", "cpu_model", "default_target_opset", "identity_model",
+           "joint_bops", "joint_latency_table", "latency_table",
            "layer_signature", "measure_layer", "observed_shapes", "one_layer_model", "packed_bytes",
            "time_interleaved"]

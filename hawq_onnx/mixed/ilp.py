@@ -19,6 +19,20 @@ Formulation (HAWQ-V3, extended with pairwise terms):
   worse); both together give the marginal answer 3–5x slower. ``pairs="mccormick"`` and
   ``"both"`` remain available (and are tested against brute force).
 
+Activation widths (optional, ``problem.act_units``): binary ``z[j, m]`` = activation
+quantizer j takes ``act_candidate_bits[m]``, ``Σ_m z[j, m] = 1``, objective ``+ Σ Ω_a[j, m]
+z[j, m]``. Size and average bits count weights only. BOPs ``Σ_layers MACs·b_w·b_a`` (and a
+latency measured per (b_w, b_a)) are bilinear in the two choices; they are summed per
+(weight unit i, activation unit j) into a ``[B, C]`` table and linearized exactly like the
+pairwise terms: ``p[ij, k, m] = x[i, k]·z[j, m]`` in [0, 1] with the marginal equalities
+``Σ_m p = x[i, k]``, ``Σ_k p = z[j, m]`` (or McCormick's rows, same ``pairs`` option). With
+x and z integral these force p to the product, so budget rows over p are exact. Every layer
+reading quantizer j uses z[j], which is the tie by activation quantizer; the weights of those
+layers keep their own x. Activation units have no pairwise loss terms: their Ω is Hessian
+(or measured) per quantizer, and interactions are modelled between weight units only. Metrics
+with joint costs are not separable over units, so their smallest/largest achievable values
+come from an ILP too.
+
 Numerics, which decide whether "exact" holds in practice: the objective is shifted per layer
 (a constant) and scaled to O(1); both MIP gaps are zero and HiGHS' MIP, primal and dual
 feasibility tolerances are 1e-10 (defaults 1e-6/1e-7). Ω spans many decades (4^-b per bit
@@ -32,7 +46,8 @@ rounded solution with the same formula the report uses. A feasibility tolerance 
 accept a configuration a few bits over a budget of billions (seen with HiGHS' default
 1e-7), so such a configuration is excluded by a no-good cut
 (``Σ_i x[i, c_i] <= L - 1``, which removes exactly that one point) and the problem is
-re-solved: a reported total never exceeds the request, and nothing feasible is cut.
+re-solved: a reported total never exceeds the request, and nothing feasible is cut (with
+activation units the cut covers the activation columns too).
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -96,24 +111,137 @@ class _Rows:
         return LinearConstraint(a.tocsc(), np.array(self.lower), np.array(self.upper))
 
 
+# ---------------------------------------------------------------- variables
+@dataclass(frozen=True)
+class _Layout:
+    """Where each variable lives in the flat vector: x (weights), z (activations), y
+    (weight pairs), p (joint weight-activation products)."""
+
+    n_l: int
+    n_b: int
+    n_a: int
+    n_c: int
+    pair_keys: tuple[tuple[int, int], ...]
+    joint_keys: tuple[tuple[int, int], ...]
+
+    @property
+    def n_x(self) -> int:
+        return self.n_l * self.n_b
+
+    @property
+    def n_z(self) -> int:
+        return self.n_a * self.n_c
+
+    @property
+    def n_vars(self) -> int:
+        return (self.n_x + self.n_z + len(self.pair_keys) * self.n_b * self.n_b
+                + len(self.joint_keys) * self.n_b * self.n_c)
+
+    def x_cols(self, i: int) -> list[int]:
+        return list(range(i * self.n_b, (i + 1) * self.n_b))
+
+    def z_cols(self, j: int) -> list[int]:
+        start = self.n_x + j * self.n_c
+        return list(range(start, start + self.n_c))
+
+    def pair_base(self, p: int) -> int:
+        return self.n_x + self.n_z + p * self.n_b * self.n_b
+
+    def joint_base(self, q: int) -> int:
+        return self.pair_base(len(self.pair_keys)) + q * self.n_b * self.n_c
+
+    def decode(self, x: np.ndarray) -> tuple[list[int], list[int]]:
+        """Weight and activation columns of a (rounded) solution vector."""
+        xs = np.round(x[:self.n_x]).reshape(self.n_l, self.n_b)
+        zs = np.round(x[self.n_x:self.n_x + self.n_z]).reshape(self.n_a, self.n_c)
+        acts = [int(m) for m in zs.argmax(1)] if self.n_a else []
+        return [int(k) for k in xs.argmax(1)], acts
+
+
+@dataclass
+class _Objective:
+    """What one solve minimizes: unary x and z terms, weight pairs, joint (x, z) terms.
+
+    :meth:`normalized` shifts every table by its minimum (a constant: each unit takes one
+    column, each joint block sums to 1) and scales everything to O(1)."""
+
+    x: np.ndarray
+    z: np.ndarray
+    pairs: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    joint: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, problem: AllocationProblem) -> _Objective:
+        assert problem.act_omega is not None
+        return cls(problem.omega, problem.act_omega, dict(problem.pair_costs))
+
+    def normalized(self) -> _Objective:
+        omega = self.x - self.x.min(axis=1, keepdims=True)
+        pairs = _shifted_nonzero(self.pairs)
+        joint = _shifted_nonzero(self.joint)
+        act = self.z - self.z.min(axis=1, keepdims=True) if self.z.size else self.z
+        scale = max([float(np.abs(omega).max(initial=0.0))]
+                    + [float(np.abs(c).max()) for c in pairs.values()]
+                    + ([float(np.abs(act).max())] if act.size else [])
+                    + [float(np.abs(c).max()) for c in joint.values()])
+        scale = scale if scale > 0 else 1.0
+        return _Objective(omega / scale, act / scale, {k: v / scale for k, v in pairs.items()},
+                          {k: v / scale for k, v in joint.items()})
+
+    def vector(self, layout: _Layout) -> np.ndarray:
+        c = np.zeros(layout.n_vars)
+        c[:layout.n_x] = self.x.ravel()
+        c[layout.n_x:layout.n_x + layout.n_z] = self.z.ravel()
+        for p, key in enumerate(layout.pair_keys):
+            base = layout.pair_base(p)
+            c[base:base + layout.n_b ** 2] = self.pairs[key].ravel()
+        for q, key in enumerate(layout.joint_keys):
+            if key in self.joint:
+                base = layout.joint_base(q)
+                c[base:base + layout.n_b * layout.n_c] = self.joint[key].ravel()
+        return c
+
+
+def _shifted_nonzero(tables: dict[tuple[int, int], np.ndarray]
+                     ) -> dict[tuple[int, int], np.ndarray]:
+    out = {key: np.asarray(c, dtype=np.float64) for key, c in tables.items()
+           if np.any(np.asarray(c) != 0)}
+    out = {key: c - c.min() for key, c in out.items()}
+    return {key: c for key, c in out.items() if np.any(c != 0)}
+
+
 # ---------------------------------------------------------------- totals and feasibility
-def metric_total(problem: AllocationProblem, metric: str, columns: list[int]) -> float:
+def metric_total(problem: AllocationProblem, metric: str, columns: list[int],
+                 act_columns: Sequence[int] | None = None) -> float:
     """The value a metric takes for one column choice (the report's formula)."""
     if metric == "avg_weight_bits":
         bits = np.asarray(problem.candidate_bits, dtype=np.float64)[columns]
         params = problem.params
         return float(np.dot(params, bits) / params.sum()) if params.sum() > 0 else 0.0
     table = problem.table(metric)
-    if table is None:
+    joint = problem.joint_table(metric)
+    if table is None and not joint:
         raise AllocationProblemError(f"a {metric} budget needs the problem's {metric} table")
-    return float(table[np.arange(problem.n_layers), columns].sum())
+    total = float(table[np.arange(problem.n_layers), columns].sum()) if table is not None \
+        else 0.0
+    if joint:
+        if act_columns is None or len(act_columns) != problem.n_acts:
+            raise AllocationProblemError(f"{metric} depends on activation widths: "
+                                         "act_columns are needed")
+        for (i, j), cost in sorted(joint.items()):
+            total += float(cost[columns[i], act_columns[j]])
+    return total
 
 
-def objective_value(problem: AllocationProblem, columns: list[int]) -> float:
-    """Σ Ω plus pairwise costs for a column choice."""
+def objective_value(problem: AllocationProblem, columns: list[int],
+                    act_columns: Sequence[int] | None = None) -> float:
+    """Σ Ω plus pairwise costs for a column choice (plus activation Ω when given)."""
     total = float(problem.omega[np.arange(problem.n_layers), columns].sum())
     for (i, j), cost in problem.pair_costs.items():
         total += float(np.asarray(cost)[columns[i], columns[j]])
+    if act_columns is not None and problem.n_acts:
+        assert problem.act_omega is not None
+        total += float(problem.act_omega[np.arange(problem.n_acts), list(act_columns)].sum())
     return total
 
 
@@ -126,8 +254,20 @@ def _allowed(problem: AllocationProblem) -> np.ndarray:
     return mask
 
 
+def _act_allowed(problem: AllocationProblem) -> np.ndarray:
+    """[A, C] mask of columns each activation unit may take."""
+    mask = np.ones((problem.n_acts, problem.n_act_bits), dtype=bool)
+    for j, bits in problem.act_pins.items():
+        mask[j] = False
+        mask[j, problem.act_candidate_bits.index(bits)] = True
+    return mask
+
+
 def smallest_achievable(problem: AllocationProblem, metric: str) -> float:
-    """Min of a metric over allocations that respect the pins (metrics are separable)."""
+    """Min of a metric over allocations that respect the pins (separable metrics directly,
+    metrics with joint weight-activation costs by an ILP)."""
+    if problem.joint_table(metric):
+        return _extreme(problem, metric, 1.0)
     table = problem.table(metric)
     if table is None:
         raise AllocationProblemError(f"a {metric} budget needs the problem's {metric} table")
@@ -138,11 +278,28 @@ def smallest_achievable(problem: AllocationProblem, metric: str) -> float:
 
 def largest_achievable(problem: AllocationProblem, metric: str) -> float:
     """Max of a metric over allocations that respect the pins."""
+    if problem.joint_table(metric):
+        return _extreme(problem, metric, -1.0)
     table = problem.table(metric)
     if table is None:
         raise AllocationProblemError(f"no {metric} table")
     masked = np.where(_allowed(problem), table, -np.inf)
     return metric_total(problem, metric, [int(c) for c in masked.argmax(axis=1)])
+
+
+def _metric_objective(problem: AllocationProblem, metric: str, sign: float) -> _Objective:
+    """``sign`` times a metric's costs as an objective (no Ω)."""
+    table = problem.table(metric)
+    x = np.zeros((problem.n_layers, problem.n_bits)) if table is None else table
+    joint = {key: sign * cost for key, cost in problem.joint_table(metric).items()}
+    return _Objective(sign * x, np.zeros((problem.n_acts, problem.n_act_bits)), {}, joint)
+
+
+def _extreme(problem: AllocationProblem, metric: str, sign: float) -> float:
+    """Min (sign 1) or max (sign -1) of a metric, pins respected, no budget."""
+    columns, act_columns, _ = _run(problem, _metric_objective(problem, metric, sign),
+                                   Budget(), 60.0, "marginal")
+    return metric_total(problem, metric, columns, act_columns)
 
 
 def _format(metric: str, value: float) -> str:
@@ -165,63 +322,68 @@ def _check_budget_feasible(problem: AllocationProblem, budget: Budget) -> None:
 
 
 # ------------------------------------------------------------------------ model building
-def _budget_row(problem: AllocationProblem, metric: str, limit: float
+def _layout(problem: AllocationProblem, objective: _Objective, metrics: Sequence[str]
+            ) -> _Layout:
+    joint = set(objective.joint)
+    for metric in metrics:
+        joint.update(problem.joint_table(metric))
+    return _Layout(problem.n_layers, problem.n_bits, problem.n_acts, problem.n_act_bits,
+                   tuple(sorted(objective.pairs)), tuple(sorted(joint)))
+
+
+def _budget_row(problem: AllocationProblem, layout: _Layout, metric: str, limit: float
                 ) -> tuple[np.ndarray, float]:
-    """Coefficients over x (flattened [L, B]) and the right-hand side, normalized."""
+    """Coefficients over all variables and the right-hand side, normalized."""
     table = problem.table(metric)
-    assert table is not None
     if metric == "avg_weight_bits":
         rhs = limit * problem.params.sum()
     else:
         rhs = limit
     scale = abs(rhs) if rhs != 0 else 1.0
-    return table.ravel() / scale, rhs / scale
+    coef = np.zeros(layout.n_vars)
+    if table is not None:
+        coef[:layout.n_x] = table.ravel() / scale
+    joint = problem.joint_table(metric)
+    for q, key in enumerate(layout.joint_keys):
+        if key in joint:
+            base = layout.joint_base(q)
+            coef[base:base + layout.n_b * layout.n_c] = joint[key].ravel() / scale
+    return coef, rhs / scale
 
 
-def _objective(problem: AllocationProblem) -> tuple[np.ndarray, dict, float]:
-    """Shifted, scaled objective over x and the pairwise y blocks."""
-    omega = problem.omega - problem.omega.min(axis=1, keepdims=True)
-    pairs = {key: np.asarray(c, dtype=np.float64) for key, c in problem.pair_costs.items()
-             if np.any(np.asarray(c) != 0)}
-    pairs = {key: c - c.min() for key, c in pairs.items()}
-    pairs = {key: c for key, c in pairs.items() if np.any(c != 0)}
-    scale = max([float(np.abs(omega).max(initial=0.0))]
-                + [float(np.abs(c).max()) for c in pairs.values()])
-    scale = scale if scale > 0 else 1.0
-    return omega.ravel() / scale, {k: v / scale for k, v in pairs.items()}, scale
-
-
-def _solve_once(problem: AllocationProblem, rows_budget: list[tuple[np.ndarray, float]],
-                time_limit: float, excluded: list[list[int]], pairs_form: str
-                ) -> tuple[Any, int]:
-    n_l, n_b = problem.n_layers, problem.n_bits
-    c_x, pairs, _ = _objective(problem)
-    pair_keys = sorted(pairs)
-    n_x = n_l * n_b
-    n_vars = n_x + len(pair_keys) * n_b * n_b
-    c = np.concatenate([c_x] + [pairs[k].ravel() for k in pair_keys]) if pair_keys else c_x
+def _solve_once(problem: AllocationProblem, layout: _Layout, c: np.ndarray,
+                rows_budget: list[tuple[np.ndarray, float]], time_limit: float,
+                excluded: list[tuple[list[int], list[int]]], pairs_form: str) -> Any:
+    n_l, n_a = layout.n_l, layout.n_a
     rows = _Rows.empty()
     for i in range(n_l):
-        rows.add(list(range(i * n_b, (i + 1) * n_b)), [1.0] * n_b, 1.0, 1.0)
+        rows.add(layout.x_cols(i), [1.0] * layout.n_b, 1.0, 1.0)
+    for j in range(n_a):
+        rows.add(layout.z_cols(j), [1.0] * layout.n_c, 1.0, 1.0)
     for coef, rhs in rows_budget:
         nz = np.flatnonzero(coef)
         rows.add(nz.tolist(), coef[nz].tolist(), -np.inf, rhs)
-    for columns in excluded:  # no-good cuts: this exact configuration is not allowed
-        cols = [i * n_b + k for i, k in enumerate(columns)]
-        rows.add(cols, [1.0] * n_l, -np.inf, n_l - 1.0)
-    for p, (i, j) in enumerate(pair_keys):
-        _add_pair_rows(rows, n_x + p * n_b * n_b, i, j, n_b, pairs_form)
-    lower = np.zeros(n_vars)
-    upper = np.ones(n_vars)
-    upper[:n_x] = _allowed(problem).ravel().astype(np.float64)
-    integrality = np.zeros(n_vars)
-    integrality[:n_x] = 1
+    for columns, act_columns in excluded:  # no-good cuts: this exact configuration only
+        cols = [layout.x_cols(i)[k] for i, k in enumerate(columns)]
+        cols += [layout.z_cols(j)[m] for j, m in enumerate(act_columns)]
+        rows.add(cols, [1.0] * len(cols), -np.inf, len(cols) - 1.0)
+    for p, (i, j) in enumerate(layout.pair_keys):
+        _add_pair_rows(rows, layout.pair_base(p), layout.x_cols(i), layout.x_cols(j),
+                       pairs_form)
+    for q, (i, j) in enumerate(layout.joint_keys):
+        _add_pair_rows(rows, layout.joint_base(q), layout.x_cols(i), layout.z_cols(j),
+                       pairs_form)
+    lower = np.zeros(layout.n_vars)
+    upper = np.ones(layout.n_vars)
+    upper[:layout.n_x] = _allowed(problem).ravel().astype(np.float64)
+    upper[layout.n_x:layout.n_x + layout.n_z] = _act_allowed(problem).ravel().astype(np.float64)
+    integrality = np.zeros(layout.n_vars)
+    integrality[:layout.n_x + layout.n_z] = 1
     with warnings.catch_warnings(), _quiet_stdout():  # scipy warns it forwards unlisted options
         warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
-        res = milp(c, integrality=integrality, bounds=Bounds(lower, upper),
-                   constraints=rows.constraint(n_vars),
-                   options={**_HIGHS_OPTIONS, "time_limit": time_limit})
-    return res, n_x
+        return milp(c, integrality=integrality, bounds=Bounds(lower, upper),
+                    constraints=rows.constraint(layout.n_vars),
+                    options={**_HIGHS_OPTIONS, "time_limit": time_limit})
 
 
 @contextlib.contextmanager
@@ -245,42 +407,66 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def _add_pair_rows(rows: _Rows, base: int, i: int, j: int, n_b: int, form: str) -> None:
-    """Rows tying y[a, b] to x[i, a]·x[j, b] (see the module docstring for the forms)."""
+def _add_pair_rows(rows: _Rows, base: int, cols_i: list[int], cols_j: list[int],
+                   form: str) -> None:
+    """Rows tying y[a, b] to v[cols_i[a]]·v[cols_j[b]] (see the module docstring)."""
     if form in ("mccormick", "both"):
-        _add_mccormick_rows(rows, base, i, j, n_b)
+        _add_mccormick_rows(rows, base, cols_i, cols_j)
     if form in ("marginal", "both"):
-        _add_marginal_rows(rows, base, i, j, n_b)
+        _add_marginal_rows(rows, base, cols_i, cols_j)
 
 
-def _add_mccormick_rows(rows: _Rows, base: int, i: int, j: int, n_b: int) -> None:
-    for a in range(n_b):
-        xa = i * n_b + a
-        for b in range(n_b):
-            xb = j * n_b + b
-            y = base + a * n_b + b
+def _add_mccormick_rows(rows: _Rows, base: int, cols_i: list[int], cols_j: list[int]) -> None:
+    n_j = len(cols_j)
+    for a, xa in enumerate(cols_i):
+        for b, xb in enumerate(cols_j):
+            y = base + a * n_j + b
             rows.add([y, xa], [1.0, -1.0], -np.inf, 0.0)
             rows.add([y, xb], [1.0, -1.0], -np.inf, 0.0)
             rows.add([y, xa, xb], [1.0, -1.0, -1.0], -1.0, np.inf)
 
 
-def _add_marginal_rows(rows: _Rows, base: int, i: int, j: int, n_b: int) -> None:
-    for a in range(n_b):
-        ys = [base + a * n_b + b for b in range(n_b)]
-        rows.add(ys + [i * n_b + a], [1.0] * n_b + [-1.0], 0.0, 0.0)
-    for b in range(n_b):
-        ys = [base + a * n_b + b for a in range(n_b)]
-        rows.add(ys + [j * n_b + b], [1.0] * n_b + [-1.0], 0.0, 0.0)
+def _add_marginal_rows(rows: _Rows, base: int, cols_i: list[int], cols_j: list[int]) -> None:
+    n_i, n_j = len(cols_i), len(cols_j)
+    for a, xa in enumerate(cols_i):
+        ys = [base + a * n_j + b for b in range(n_j)]
+        rows.add(ys + [xa], [1.0] * n_j + [-1.0], 0.0, 0.0)
+    for b, xb in enumerate(cols_j):
+        ys = [base + a * n_j + b for a in range(n_i)]
+        rows.add(ys + [xb], [1.0] * n_i + [-1.0], 0.0, 0.0)
+
+
+def _run(problem: AllocationProblem, objective: _Objective, budget: Budget, time_limit: float,
+         pairs_form: str) -> tuple[list[int], list[int], str]:
+    """Solve, cutting off configurations a solver tolerance let over a budget."""
+    normalized = objective.normalized()
+    limits = dict(budget.items())
+    layout = _layout(problem, normalized, list(limits))
+    c = normalized.vector(layout)
+    rows = [_budget_row(problem, layout, m, lim) for m, lim in limits.items()]
+    excluded: list[tuple[list[int], list[int]]] = []
+    for _ in range(_MAX_CUTS):
+        res = _solve_once(problem, layout, c, rows, time_limit, excluded, pairs_form)
+        if res.x is None:
+            _raise_joint_infeasible(problem, budget, res.message)
+        columns, act_columns = layout.decode(res.x)
+        if all(metric_total(problem, m, columns, act_columns) <= lim
+               for m, lim in limits.items()):
+            status = "optimal" if res.status == 0 else f"feasible ({res.message.strip()})"
+            return columns, act_columns, status
+        excluded.append((columns, act_columns))  # over by less than the tolerance: cut it
+    raise InfeasibleBudgetError("solver tolerances kept exceeding the budget; loosen it slightly")
 
 
 # --------------------------------------------------------------------------------- API
 def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.0,
           pairs: str = "marginal") -> Allocation:
-    """The allocation minimizing predicted loss (Ω plus pairwise terms) under the budget.
+    """The allocation minimizing predicted loss (Ω, pairwise terms and activation Ω) under
+    the budget.
 
-    ``pairs``: how pairwise terms are linearized, "marginal" (default), "mccormick" or
-    "both"; all are exact. On ``time_limit`` the best allocation found is returned with a
-    status saying so.
+    ``pairs``: how products are linearized (weight pairs and joint weight-activation
+    blocks), "marginal" (default), "mccormick" or "both"; all are exact. On ``time_limit``
+    the best allocation found is returned with a status saying so.
 
     Raises :class:`InfeasibleBudgetError` naming the smallest achievable value when no
     allocation fits.
@@ -289,25 +475,16 @@ def solve(problem: AllocationProblem, budget: Budget, *, time_limit: float = 60.
     if pairs not in PAIR_FORMS:
         raise AllocationProblemError(f"pairs must be one of {PAIR_FORMS}, got '{pairs}'")
     _check_budget_feasible(problem, budget)
-    limits = dict(budget.items())
-    rows = [_budget_row(problem, m, lim) for m, lim in limits.items()]
-    excluded: list[list[int]] = []
-    for _ in range(_MAX_CUTS):
-        res, n_x = _solve_once(problem, rows, time_limit, excluded, pairs)
-        if res.x is None:
-            _raise_joint_infeasible(problem, budget, res.message)
-        columns = [int(k) for k in
-                   np.round(res.x[:n_x]).reshape(problem.n_layers, problem.n_bits).argmax(1)]
-        if all(metric_total(problem, m, columns) <= lim for m, lim in limits.items()):
-            status = "optimal" if res.status == 0 else f"feasible ({res.message.strip()})"
-            return make_allocation(problem, columns, status)
-        excluded.append(columns)  # over by less than the solver's tolerance: cut it off
-    raise InfeasibleBudgetError("solver tolerances kept exceeding the budget; loosen it slightly")
+    columns, act_columns, status = _run(problem, _Objective.of(problem), budget, time_limit,
+                                        pairs)
+    return make_allocation(problem, columns, status, act_columns)
 
 
 def _raise_joint_infeasible(problem: AllocationProblem, budget: Budget, message: str) -> None:
     """Each budget alone is feasible but not together: name the best reachable first metric."""
     items = budget.items()
+    if not items:
+        raise InfeasibleBudgetError(f"no allocation respects the pins ({message.strip()})")
     metric, limit = items[0]
     others = Budget(**{m: v for m, v in items[1:]})
     try:
@@ -321,28 +498,36 @@ def _raise_joint_infeasible(problem: AllocationProblem, budget: Budget, message:
 
 def minimize_metric(problem: AllocationProblem, metric: str, budget: Budget) -> float:
     """The smallest value of ``metric`` reachable under ``budget`` (an ILP on costs)."""
-    table = problem.table(metric)
-    if table is None:
+    if problem.table(metric) is None and not problem.joint_table(metric):
         raise AllocationProblemError(f"no {metric} table")
-    costs = AllocationProblem(problem.layers, problem.candidate_bits, table,
-                              size_bytes=problem.size_bytes, bops=problem.bops,
-                              latency=problem.latency, pins=dict(problem.pins))
-    return metric_total(costs, metric, solve(costs, budget).columns)
+    _check_budget_feasible(problem, budget)
+    objective = _metric_objective(problem, metric, 1.0)
+    columns, act_columns, _ = _run(problem, objective, budget, 60.0, "marginal")
+    return metric_total(problem, metric, columns, act_columns)
 
 
-def make_allocation(problem: AllocationProblem, columns: list[int], status: str) -> Allocation:
+def make_allocation(problem: AllocationProblem, columns: list[int], status: str,
+                    act_columns: Sequence[int] | None = None) -> Allocation:
     """Totals for a column choice (also used by brute force, tests and baselines)."""
     bits = [problem.candidate_bits[k] for k in columns]
+    acts = list(act_columns) if act_columns is not None else []
+    if problem.n_acts and len(acts) != problem.n_acts:
+        raise AllocationProblemError("the problem allocates activation widths: act_columns "
+                                     "are needed")
+    joint_acts = acts if problem.n_acts else None
     return Allocation(
         bits=bits,
-        objective=objective_value(problem, columns),
+        objective=objective_value(problem, columns, joint_acts),
         size_bytes=metric_total(problem, "size_bytes", columns),
         avg_weight_bits=metric_total(problem, "avg_weight_bits", columns),
-        bops=metric_total(problem, "bops", columns) if problem.bops is not None else None,
-        latency=(metric_total(problem, "latency", columns)
+        bops=(metric_total(problem, "bops", columns, joint_acts)
+              if problem.bops is not None else None),
+        latency=(metric_total(problem, "latency", columns, joint_acts)
                  if problem.latency is not None else None),
         status=status,
         columns=list(columns),
+        act_bits=[problem.act_candidate_bits[m] for m in acts],
+        act_columns=acts,
     )
 
 
@@ -398,30 +583,46 @@ def flipped_layers(problem: AllocationProblem, budget: Budget,
     return sorted(flipped)
 
 
-def brute_force(problem: AllocationProblem, budget: Budget) -> Allocation | None:
-    """Exhaustive search over B^L, vectorized (tests and tiny problems only)."""
+def _combinations(mask: np.ndarray) -> np.ndarray:
+    """Every column choice a [units, columns] mask allows, as rows."""
     import itertools
 
-    allowed = _allowed(problem)
-    combos = np.array(list(itertools.product(*[np.flatnonzero(r) for r in allowed])),
-                      dtype=np.int64).reshape(-1, problem.n_layers)
+    choices = list(itertools.product(*[np.flatnonzero(r) for r in mask]))
+    return np.array(choices, dtype=np.int64).reshape(len(choices), mask.shape[0])
+
+
+def brute_force(problem: AllocationProblem, budget: Budget) -> Allocation | None:
+    """Exhaustive search over B^L (times C^A with activation units), vectorized (tests and
+    tiny problems only)."""
+    weights = _combinations(_allowed(problem))
+    acts = _combinations(_act_allowed(problem))
+    pick_w, pick_a = (g.ravel() for g in np.meshgrid(np.arange(len(weights)),
+                                                     np.arange(len(acts)), indexing="ij"))
+    combos, act_combos = weights[pick_w], acts[pick_a]
     rows = np.arange(problem.n_layers)
     objective = problem.omega[rows, combos].sum(axis=1)
     for (i, j), cost in problem.pair_costs.items():
         objective = objective + np.asarray(cost)[combos[:, i], combos[:, j]]
+    if problem.n_acts:
+        assert problem.act_omega is not None
+        objective = objective + problem.act_omega[np.arange(problem.n_acts), act_combos].sum(1)
     feasible = np.ones(len(combos), dtype=bool)
     for metric, limit in budget.items():
         table = problem.table(metric)
-        if table is None:
+        joint = problem.joint_table(metric)
+        if table is None and not joint:
             raise AllocationProblemError(f"no {metric} table")
-        total = table[rows, combos].sum(axis=1)
+        total = table[rows, combos].sum(axis=1) if table is not None else 0.0
+        for (i, j), cost in joint.items():
+            total = total + cost[combos[:, i], act_combos[:, j]]
         if metric == "avg_weight_bits":
             total = total / problem.params.sum()
         feasible &= total <= limit
     if not feasible.any():
         return None
     best = int(np.flatnonzero(feasible)[np.argmin(objective[feasible])])
-    return make_allocation(problem, combos[best].tolist(), "brute_force")
+    return make_allocation(problem, combos[best].tolist(), "brute_force",
+                           act_combos[best].tolist() if problem.n_acts else None)
 
 
 __all__ = ["METRICS", "PAIR_FORMS", "brute_force", "flipped_layers", "largest_achievable",

@@ -15,6 +15,11 @@ sum of what each layer does alone. Two corrections add what layers do *together*
   hops of the layer graph), so the count stays O(L·k). Higher-order effects the quadratic
   model misses at 2-3 bits are included.
 
+Activation quantizers (when their widths are allocated too) get unary terms only: ``½ Ω_a``
+(Hessian) or the measured ``ΔL`` with that one quantizer fake-quantized
+(:func:`activation_singles`); the meters apply activation Q/DQ with mirror hooks, so a
+configuration's measured ``ΔL`` includes its allocated activation widths.
+
 Both give ``[B, B]`` pair tables that enter the ILP through McCormick linearization
 (:mod:`hawq_onnx.mixed.ilp`). Everything here is in loss units (the calibration objective of
 the Hessian analysis: KL to the float outputs without labels), so unary and pairwise terms
@@ -46,6 +51,8 @@ from hawq_onnx.quantize import Quantizer
 Pair = tuple[int, int]
 #: output tensor -> (channel axis, per-channel shift) removed from that tensor.
 Shifts = dict[str, tuple[int, torch.Tensor]]
+#: tensor -> the Q/DQ parameters it is fake-quantized with.
+ActHooks = Mapping[str, ActQParams]
 #: HVPs applied together (one forward/backward shared per micro-batch).
 HVP_CHUNK = 8
 
@@ -131,10 +138,12 @@ class Perturbations:
                 out.update(self.shifts[i][k])
         return out
 
-    def delta(self, meter: LossMeter, columns: Mapping[int, int]) -> float:
+    def delta(self, meter: LossMeter, columns: Mapping[int, int],
+              activations: ActHooks | None = None) -> float:
         """Measured ΔL with the units in ``columns`` quantized (and bias-corrected when
-        :func:`measure_output_shifts` filled :attr:`shifts`)."""
-        return meter.delta(self.substitution(columns), self.output_shifts(columns))
+        :func:`measure_output_shifts` filled :attr:`shifts`), plus ``activations``
+        fake-quantized."""
+        return meter.delta(self.substitution(columns), self.output_shifts(columns), activations)
 
 
 def _dot(a: BlockVector, b: BlockVector, blocks: Iterable[int]) -> float:
@@ -164,13 +173,16 @@ class LossMeter:
         self.forwards += 1
         return total
 
-    def delta(self, substitution: BlockVector, shifts: Shifts | None = None) -> float:
-        """ΔL with ``{block: value}`` in place of the float weights and ``shifts`` removed
-        from layer outputs (both undone afterwards)."""
+    def delta(self, substitution: BlockVector, shifts: Shifts | None = None,
+              activations: ActHooks | None = None) -> float:
+        """ΔL with ``{block: value}`` in place of the float weights, ``shifts`` removed
+        from layer outputs and ``activations`` fake-quantized (all undone afterwards)."""
         saved = {b: self.params[b].detach().clone() for b in substitution}
         mirror = self.objective.mirror
         handles = [mirror.add_hook(name, _subtract(axis, shift))
                    for name, (axis, shift) in (shifts or {}).items()]
+        handles += [mirror.add_hook(name, fake_quantize_hook(qp))
+                    for name, qp in (activations or {}).items()]
         try:
             with torch.no_grad():
                 for b, value in substitution.items():
@@ -221,6 +233,27 @@ def _subtract(axis: int, shift: torch.Tensor) -> Callable[[str, torch.Tensor], t
         return value - shift.to(value.dtype).reshape(shape)
 
     return hook
+
+
+def fake_quantize_hook(qp: ActQParams) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """QuantizeLinear then DequantizeLinear, as onnxruntime computes them (round half to
+    even, saturate to the grid)."""
+    def hook(_: str, value: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(qp.scale, dtype=torch.float32).to(value)
+        q = torch.clamp(torch.round(value / scale) + qp.zero_point, qp.qmin, qp.qmax)
+        return (q - qp.zero_point) * scale
+
+    return hook
+
+
+def activation_singles(meter: LossMeter, hooks: Sequence[Sequence[ActHooks]]) -> np.ndarray:
+    """[A, C] measured ΔL with one activation quantizer at a time fake-quantized
+    (``hooks[j][m]``: its tensors at column m), weights float."""
+    out = np.zeros((len(hooks), max((len(row) for row in hooks), default=0)))
+    for j, row in enumerate(hooks):
+        for m, tensors in enumerate(row):
+            out[j, m] = meter.delta({}, None, tensors)
+    return out
 
 
 # ------------------------------------------------------------------------ bias correction
@@ -525,9 +558,9 @@ def model_weights(model: onnx.ModelProto, layers: Sequence[LayerChoice]) -> list
     return [name for choice in layers for name in choice.names if name in initializers]
 
 
-__all__ = ["CouplingTables", "LossMeter", "LossModel", "MeasuredTables", "Perturbations",
-           "SecondOrder", "Shifts", "all_pairs", "correctable_outputs", "hessian_couplings",
-           "hessian_only", "layer_graph", "make_objective", "measure_output_shifts",
-           "measured_interactions", "model_weights", "neighbour_pairs", "rescaled_coupling",
-           "second_order",
+__all__ = ["ActHooks", "CouplingTables", "LossMeter", "LossModel", "MeasuredTables",
+           "Perturbations", "SecondOrder", "Shifts", "activation_singles", "all_pairs",
+           "correctable_outputs", "fake_quantize_hook", "hessian_couplings", "hessian_only",
+           "layer_graph", "make_objective", "measure_output_shifts", "measured_interactions",
+           "model_weights", "neighbour_pairs", "rescaled_coupling", "second_order",
            "single_losses", "with_cross_terms", "with_measured"]

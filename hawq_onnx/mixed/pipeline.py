@@ -21,6 +21,18 @@ Budgets are translated so that what the report shows never exceeds the request: 
 weight width counts float-left weights at 32 bits, as the report does; ``size_budget`` is the
 model *file* size (the ILP bounds the packed integer weights by the budget minus the fixed
 part of the file, measured from a build).
+
+Activation widths (``candidate_act_bits``, e.g. 8 and 16): every activation quantizer that
+feeds a weighted layer also gets a width, jointly with the weights (see
+:mod:`hawq_onnx.mixed.ilp`). Its term in the loss model is ``½ Ω_a`` (HAWQ-V2's activation
+sensitivity: the Hessian trace w.r.t. the layer inputs it quantizes times the measured
+``E‖Q_b(a) − a‖²``) for the ``none``/``hessian`` loss models, and its measured ΔL (that one
+quantizer fake-quantized in the mirror) for ``measured``/``both``; there are no pairwise
+activation terms. BOPs and latency are priced per (weight width, activation width) of each
+layer; size and average bits count weights only. Quantizers feeding no weighted layer keep
+the base ``--act-bits``. Measured ΔL of a configuration (report, Pareto points) includes its
+allocated activation widths; the Spearman check covers weight configurations only. 16-bit
+Q/DQ needs opset 21: the model is upgraded, or the request refused.
 """
 
 from __future__ import annotations
@@ -45,22 +57,44 @@ from hawq_onnx.hessian.result import AnalysisResult
 from hawq_onnx.importer import load_model
 from hawq_onnx.mirror.module import Mirror
 from hawq_onnx.mixed import interactions as inter
-from hawq_onnx.mixed.costs import LatencySettings, bops_table, latency_table, packed_bytes
+from hawq_onnx.mixed.costs import (
+    JointTables,
+    LatencySettings,
+    bops_table,
+    joint_bops,
+    joint_latency_table,
+    latency_table,
+    packed_bytes,
+)
 from hawq_onnx.mixed.evaluate import Evaluation, evaluate_models, random_configurations
 from hawq_onnx.mixed.ilp import pareto_front, smallest_achievable, solve
 from hawq_onnx.mixed.problem import (
+    ActUnit,
     Allocation,
     AllocationProblem,
     Budget,
     InfeasibleBudgetError,
     LayerChoice,
 )
-from hawq_onnx.mixed.sensitivity import SensitivityTable, weight_sensitivity, weight_spec_at
+from hawq_onnx.mixed.sensitivity import (
+    SensitivityTable,
+    activation_sensitivity,
+    weight_sensitivity,
+    weight_spec_at,
+)
 from hawq_onnx.mixed.target import TargetResult, accuracy_target
-from hawq_onnx.mixed.ties import first_last_pins, layer_choices, merge_pins, resolve_pins
+from hawq_onnx.mixed.ties import (
+    LayerLink,
+    activation_units,
+    first_last_pins,
+    layer_choices,
+    merge_pins,
+    resolve_act_pins,
+    resolve_pins,
+)
 from hawq_onnx.quant.activations import ActQParams
 from hawq_onnx.quant.containers import int2_fuses_safely
-from hawq_onnx.quant.plan import QuantPlan
+from hawq_onnx.quant.plan import ACT_BITS, ActSpec, QuantPlan
 from hawq_onnx.quantize import BuildResult, QuantizeOptions, Quantizer, QuantizeResult, needed_opset
 
 INTERACTION_MODES = ("none", "hessian", "measured", "both")
@@ -81,6 +115,7 @@ class MixedOptions:
     """
 
     candidate_bits: tuple[int, ...] = (2, 3, 4, 6, 8)
+    candidate_act_bits: tuple[int, ...] | None = None
     avg_weight_bits: float | None = None
     size_budget: float | None = None
     bops_budget: float | None = None
@@ -92,6 +127,7 @@ class MixedOptions:
     measure_bits: tuple[int, ...] | None = None
     pins: tuple[tuple[str, int], ...] = ()
     pin_first_last: int | None = None
+    act_pins: tuple[tuple[str, int], ...] = ()
     ties: tuple[tuple[str, ...], ...] = ()
     analysis_samples: int = 256
     holdout_samples: int = 256
@@ -113,6 +149,13 @@ class MixedOptions:
             raise HawqError(f"minimize must be one of {MINIMIZE_METRICS}")
         if len(set(self.candidate_bits)) < 1:
             raise HawqError("at least one candidate width is needed")
+        if self.candidate_act_bits is not None:
+            wrong = [b for b in self.candidate_act_bits if b not in ACT_BITS]
+            if not self.candidate_act_bits or wrong:
+                raise HawqError(f"candidate activation widths must be among {ACT_BITS}, got "
+                                f"{list(self.candidate_act_bits)}")
+        if self.act_pins and self.candidate_act_bits is None:
+            raise HawqError("--pin-act needs --candidate-act-bits")
 
     def budget_given(self) -> bool:
         return any(v is not None for v in (self.avg_weight_bits, self.size_budget,
@@ -132,19 +175,8 @@ class MixedOptions:
 
 # ---------------------------------------------------------------------- data split
 def _slice(dataset: Dataset, start: int, stop: int) -> Dataset:
-    """Samples ``[start, stop)`` of a dataset (scalar inputs fed whole)."""
-    part = slice(start, min(stop, len(dataset)))
-    arrays = {}
-    for spec in dataset.specs:
-        array = dataset.arrays[spec.name]
-        if spec.batch_axis is None:
-            arrays[spec.name] = array
-            continue
-        index = [slice(None)] * array.ndim
-        index[spec.batch_axis] = part
-        arrays[spec.name] = np.ascontiguousarray(array[tuple(index)])
-    labels = None if dataset.labels is None else dataset.labels[part]
-    return Dataset(dataset.source, dataset.specs, arrays, labels, list(dataset.notes))
+    """Samples ``[start, stop)`` of a dataset, as a view that reads nothing until used."""
+    return dataset.slice(start, stop)
 
 
 def split_calibration(dataset: Dataset, analysis: int, holdout: int) -> tuple[Dataset, Dataset,
@@ -199,6 +231,7 @@ class MixedSession:
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self.bits = sorted(set(self.mixed.candidate_bits))
+        self.act_bits: list[int] = sorted(set(self.mixed.candidate_act_bits or ()))
         with timed(self.timings, "load"):
             self._load()
         with timed(self.timings, "calibrate"):
@@ -213,26 +246,51 @@ class MixedSession:
         self._perturbations: inter.Perturbations | None = None
         self.evaluation: Evaluation | None = None
         self._cost_tables: dict[str, np.ndarray] | None = None
+        self._joint_tables: dict[str, JointTables] = {}
         self._overhead: float | None = None
+        self.act_sensitivity: SensitivityTable | None = None
+        self._act_measured: np.ndarray | None = None
 
     # ------------------------------------------------------------------ set-up
     def _load(self) -> None:
         imported = load_model(self.model_path)
         act = self.options.act_spec()
+        if self.act_bits and act is None:
+            raise HawqError("--candidate-act-bits needs quantized activations (not "
+                            "--act-bits none)")
         storage = [4 if b == 2 and act is not None and not int2_fuses_safely() else b
                    for b in self.bits]
-        target = needed_opset(storage, [act.bits] if act else [],
-                              grouped=bool(self.options.group_size))
+        acts = ([act.bits] if act else []) + self.act_bits
+        target = needed_opset(storage, acts, grouped=bool(self.options.group_size))
         self.quantizer = Quantizer(imported.model, exclude=self.options.exclude,
                                    asymmetric=not self.options.symmetric_activations,
                                    target_opset=target)
+        if self.act_bits and max(acts) > 8 and self.quantizer.opset < 21:
+            raise HawqError(f"16-bit activation candidates need opset 21 (uint16/int16 "
+                            f"QuantizeLinear); the model is at opset {self.quantizer.opset} "
+                            f"and could not be upgraded: {'; '.join(self.quantizer.notes)}")
         self.base_spec = self.options.weight_spec()
         self.choices: list[LayerChoice] = layer_choices(
             self.quantizer.view, self.quantizer.placement, ties=self.mixed.ties)
         if not self.choices:
             raise HawqError("the model has no quantizable weights to allocate widths to")
+        self.act_units: list[ActUnit] = []
+        self.links: list[LayerLink] = []
+        if self.act_bits:
+            self.act_units, self.links = activation_units(
+                self.quantizer.view, self.quantizer.placement, self.choices)
+            if not self.act_units:
+                self.notes.append("--candidate-act-bits: no quantized activation feeds a "
+                                  "weighted layer; only weight widths are allocated")
+            priced = {"bops", "latency"}
+            if self.mixed.bops_budget is None and self.mixed.latency_budget is None and not (
+                    self.mixed.max_drop is not None and self.mixed.minimize in priced):
+                self.notes.append("activation widths cost only BOPs and latency: with neither "
+                                  "budget, every activation quantizer is free to take the "
+                                  "widest candidate")
         self.plan0 = self._uniform_plan(max(self.bits))
         self.pins = self._pins()
+        self.act_pins = resolve_act_pins(self.act_units, self.mixed.act_pins, self.act_bits)
 
     def _uniform_plan(self, bits: int) -> QuantPlan:
         spec = weight_spec_at(self.base_spec, bits, self.quantizer.opset)
@@ -260,6 +318,33 @@ class MixedSession:
             dataset, self.mixed.analysis_samples, self.mixed.holdout_samples)
         self.notes.extend(notes)
         self.act_params: dict[str, ActQParams] = self.quantizer.activation_params(self.plan0)
+        self.act_params_at: dict[int, dict[str, ActQParams]] = {
+            bits: self._act_params_at(bits) for bits in self.act_bits}
+
+    def _act_params_at(self, bits: int) -> dict[str, ActQParams]:
+        """Every quantizer's parameters at one width (the exporter's range selection)."""
+        plan = self.quantizer.uniform_plan(
+            None, ActSpec(bits, self.options.symmetric_activations), self.options.calib_method)
+        plan.percentile = self.options.percentile
+        return self.quantizer.activation_params(plan)
+
+    def act_hooks(self, unit: int, column: int) -> dict[str, ActQParams]:
+        """The tensors activation unit ``unit`` quantizes, with its parameters at
+        ``act_bits[column]`` (what the exporter's Q/DQ pairs of that quantizer compute)."""
+        owner = self.act_units[unit].name
+        params = self.act_params_at[self.act_bits[column]].get(owner)
+        if params is None:
+            return {}
+        placement, view = self.quantizer.placement, self.quantizer.view
+        return {t: params for t in placement.quantized_tensors()
+                if placement.source(t) == owner and view.elem_type(t) == onnx.TensorProto.FLOAT}
+
+    def allocation_hooks(self, act_columns: Sequence[int]) -> dict[str, ActQParams]:
+        """All allocated activation quantizers of a configuration, as mirror hooks."""
+        hooks: dict[str, ActQParams] = {}
+        for j, m in enumerate(act_columns):
+            hooks.update(self.act_hooks(j, m))
+        return hooks
 
     # ------------------------------------------------------------------ Hessian and Ω
     def analyse(self) -> AnalysisResult:
@@ -269,7 +354,7 @@ class MixedSession:
                 settings = AnalysisSettings(
                     min_probes=self.mixed.min_probes, max_probes=self.mixed.max_probes,
                     rel_tol=self.mixed.rel_tol, batch_size=self.options.batch_size,
-                    seed=self.mixed.seed)
+                    seed=self.mixed.seed, activations=bool(self.act_units))
                 self.analysis = analyze(self.quantizer.model, self.analysis_data, settings,
                                         cache_dir=self.mixed.cache_dir,
                                         use_cache=self.mixed.use_cache)
@@ -286,16 +371,57 @@ class MixedSession:
                     names=[n for c in self.choices for n in c.names])
         return self.sensitivity.for_choices(self.choices)
 
+    def act_omega(self) -> np.ndarray:
+        """[A, C] Ω per activation quantizer (HAWQ-V2's activation sensitivity)."""
+        if not self.act_units:
+            return np.zeros((0, len(self.act_bits)))
+        if self.act_sensitivity is None:
+            analysis = self.analyse()
+            with timed(self.timings, "act_sensitivity"):
+                self.act_sensitivity = activation_sensitivity(
+                    analysis, self.quantizer, self.analysis_data, self.act_bits,
+                    symmetric=self.options.symmetric_activations,
+                    calib_method=self.options.calib_method, batch_size=self.options.batch_size,
+                    max_samples=self.mixed.analysis_samples, percentile=self.options.percentile)
+            self.notes.extend(self.act_sensitivity.notes)
+            self._pin_untraced()
+        return self.act_sensitivity.for_keys([u.name for u in self.act_units])
+
+    def _pin_untraced(self) -> None:
+        """Quantizers without a traced row have no Ω: they keep the base width."""
+        assert self.act_sensitivity is not None
+        act = self.options.act_spec()
+        base = act.bits if act is not None and act.bits in self.act_bits else self.act_bits[0]
+        for j, unit in enumerate(self.act_units):
+            if unit.name not in self.act_sensitivity.keys and j not in self.act_pins:
+                self.act_pins[j] = base
+                self.notes.append(f"activation {unit.name}: no Hessian trace, kept at {base} "
+                                  "bits")
+
+    def act_unary(self) -> np.ndarray:
+        """[A, C] the activation units' terms of the loss model: ``½ Ω_a`` for the
+        none/hessian models, measured ΔL of each quantizer alone for measured/both."""
+        omega = self.act_omega()
+        if self.mixed.interactions in ("none", "hessian") or not self.act_units:
+            return 0.5 * omega
+        if self._act_measured is None:
+            meter, _, _ = self.meters()
+            hooks = [[self.act_hooks(j, m) for m in range(len(self.act_bits))]
+                     for j in range(len(self.act_units))]
+            with timed(self.timings, "interactions"):
+                self._act_measured = inter.activation_singles(meter, hooks)
+        return self._act_measured
+
     # ------------------------------------------------------------------ corrections
     def meters(self) -> tuple[inter.LossMeter, inter.LossMeter, inter.Perturbations]:
         """Loss meters on the analysis and held-out splits, and the weight errors."""
         if self._meter is None:
             names = inter.model_weights(self.quantizer.model, self.choices)
             mirror = Mirror(self.quantizer.model, weight_names=names)
-            objective = Objective(mirror, list(self.analysis_data.batches(self.options.batch_size)))
+            objective = Objective(mirror, self.analysis_data.batched(self.options.batch_size))
             self._meter = inter.LossMeter(objective)
             self._holdout_meter = inter.LossMeter(Objective(
-                objective.mirror, list(self.holdout_data.batches(self.options.batch_size))))
+                objective.mirror, self.holdout_data.batched(self.options.batch_size)))
             self._perturbations = inter.Perturbations.build(
                 self.quantizer, objective.mirror, self.choices, self.bits, self.base_spec,
                 self.act_params)
@@ -366,10 +492,21 @@ class MixedSession:
         """The ILP for a loss model (default: the options' corrected one)."""
         model = model or self.chosen_model()
         with timed(self.timings, "costs"):
-            costs = self._costs()
-        return AllocationProblem(self.choices, self.bits, model.unary, dict(model.pairs),
+            self._costs()
+        return self._problem(model.unary, dict(model.pairs), self.act_unary())
+
+    def _problem(self, unary: np.ndarray, pairs: dict[tuple[int, int], np.ndarray],
+                 act_unary: np.ndarray) -> AllocationProblem:
+        """An ILP over this session's units, costs and pins with the given loss terms."""
+        costs = self._costs()
+        extra: dict[str, Any] = {}
+        if self.act_units:
+            extra = {"act_units": self.act_units, "act_candidate_bits": self.act_bits,
+                     "act_omega": act_unary, "joint": dict(self._joint_tables),
+                     "act_pins": dict(self.act_pins)}
+        return AllocationProblem(self.choices, self.bits, unary, pairs,
                                  size_bytes=costs["size_bytes"], bops=costs["bops"],
-                                 latency=costs.get("latency"), pins=dict(self.pins))
+                                 latency=costs.get("latency"), pins=dict(self.pins), **extra)
 
     def _costs(self) -> dict[str, np.ndarray]:
         if self._cost_tables is None:
@@ -380,10 +517,29 @@ class MixedSession:
                                            max_opset=self.quantizer.opset,
                                            int2_allowed=allowed),
                 "bops": bops_table(self.choices, self.bits, act.bits if act else FLOAT_BITS)}
+            if self.act_units:
+                assert act is not None
+                tables["bops"], self._joint_tables["bops"] = joint_bops(
+                    self.links, len(self.choices), self.bits, self.act_bits, act.bits)
             if self.mixed.latency_budget is not None or self.mixed.minimize == "latency":
-                tables["latency"] = self._latency().seconds
+                if self.act_units:
+                    joint = self._joint_latency()
+                    tables["latency"], self._joint_tables["latency"] = joint.unary, joint.joint
+                else:
+                    tables["latency"] = self._latency().seconds
             self._cost_tables = tables
         return self._cost_tables
+
+    def _joint_latency(self) -> Any:
+        act = self.options.act_spec()
+        settings = LatencySettings(act_bits=act.bits if act else None,
+                                   symmetric=self.options.symmetric_activations,
+                                   base=self.base_spec, target_opset=self.quantizer.opset)
+        with timed(self.timings, "latency_table"):
+            return joint_latency_table(self.quantizer.model, self.links, len(self.choices),
+                                       self.bits, self.act_bits, settings=settings,
+                                       cache_dir=self.mixed.cache_dir,
+                                       use_cache=self.mixed.use_cache)
 
     def _latency(self) -> Any:
         act = self.options.act_spec()
@@ -413,7 +569,9 @@ class MixedSession:
             from hawq_onnx.export import finalize
 
             widest = [len(self.bits) - 1] * len(self.choices)
-            model = self._build_columns(widest, bias_correction=False).model
+            widest_acts = [len(self.act_bits) - 1] * len(self.act_units)
+            model = self._build_columns(widest, bias_correction=False,
+                                        act_columns=widest_acts).model
             size = finalize(model, self.options.format).ByteSize()
             packed = float(self._costs()["size_bytes"][:, -1].sum())
             self._overhead = size - packed + _SIZE_MARGIN_PER_WEIGHT * len(self.choices)
@@ -435,11 +593,8 @@ class MixedSession:
     def check_budget(self) -> None:
         """Fail fast, in the user's terms, on a budget no allocation can meet (before the
         Hessian analysis, which is the slow part)."""
-        probe = AllocationProblem(self.choices, self.bits, np.zeros((len(self.choices),
-                                                                     len(self.bits))),
-                                  size_bytes=self._costs()["size_bytes"],
-                                  bops=self._costs()["bops"],
-                                  latency=self._costs().get("latency"), pins=dict(self.pins))
+        probe = self._problem(np.zeros((len(self.choices), len(self.bits))), {},
+                              np.zeros((len(self.act_units), len(self.act_bits))))
         mixed = self.mixed
         params, floats = sum(c.params for c in self.choices), self.float_params()
         checks = [
@@ -458,7 +613,8 @@ class MixedSession:
             if low > requested * (1 + 1e-9):
                 raise InfeasibleBudgetError(
                     f"{flag} {unit.format(requested)} is infeasible: the smallest achievable "
-                    f"is {unit.format(low)}{' (pins included)' if self.pins else ''}")
+                    f"is {unit.format(low)}"
+                    f"{' (pins included)' if self.pins or self.act_pins else ''}")
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, problem: AllocationProblem) -> Allocation:
@@ -477,36 +633,66 @@ class MixedSession:
             return pareto_front(problem, metric, points or self.mixed.pareto_points, base)
 
     # ------------------------------------------------------------------ building
-    def plan_for(self, columns: Sequence[int]) -> QuantPlan:
+    def plan_for(self, columns: Sequence[int], act_columns: Sequence[int] = ()) -> QuantPlan:
         plan = self.plan0
         for choice, k in zip(self.choices, columns, strict=True):
             spec = weight_spec_at(self.base_spec, self.bits[k], self.quantizer.opset)
             for name in choice.names:
                 plan = plan.with_weight(name, spec)
+        if act_columns:
+            symmetric = self.options.symmetric_activations
+            acts = dict(plan.activations)
+            for unit, m in zip(self.act_units, act_columns, strict=True):
+                if unit.name in acts:
+                    acts[unit.name] = ActSpec(self.act_bits[m], symmetric)
+            plan = replace(plan, weights=dict(plan.weights), activations=acts)
         return plan
 
-    def _build_columns(self, columns: Sequence[int], bias_correction: bool | None = None
-                       ) -> BuildResult:
+    def params_for(self, act_columns: Sequence[int]) -> dict[str, ActQParams]:
+        """Activation parameters of a configuration: the allocated quantizers at their
+        widths, the others at the base width."""
+        params = dict(self.act_params)
+        for unit, m in zip(self.act_units, act_columns, strict=True):
+            chosen = self.act_params_at[self.act_bits[m]].get(unit.name)
+            if chosen is not None and unit.name in params:
+                params[unit.name] = chosen
+        return params
+
+    def _build_columns(self, columns: Sequence[int], bias_correction: bool | None = None,
+                       act_columns: Sequence[int] = ()) -> BuildResult:
         correct = self.options.bias_correction if bias_correction is None else bias_correction
-        key = (*columns, int(correct))
+        key = (*columns, int(correct), *act_columns)
         if key not in self._builds:
             with timed(self.timings, "build"):
                 self._builds[key] = self.quantizer.build(
-                    self.plan_for(columns), params=self.act_params, bias_correction=correct,
+                    self.plan_for(columns, act_columns), params=self.params_for(act_columns),
+                    bias_correction=correct,
                     correction_samples=min(256, self.options.max_calib_samples or 256))
         return self._builds[key]
 
     def build(self, allocation: Allocation) -> BuildResult:
-        return self._build_columns(self._columns(allocation))
+        return self._build_columns(self._columns(allocation),
+                                   act_columns=self._act_columns(allocation))
 
     def _columns(self, allocation: Allocation) -> list[int]:
         return allocation.columns or [self.bits.index(b) for b in allocation.bits]
 
+    def _act_columns(self, allocation: Allocation) -> list[int]:
+        return allocation.act_columns or [self.act_bits.index(b) for b in allocation.act_bits]
+
     def measured_delta(self, allocation: Allocation) -> float:
-        """Held-out ΔL of an allocation (mirror forward pass, exact quantized weights)."""
+        """Held-out ΔL of an allocation (mirror forward pass, exact quantized weights, the
+        allocated activation quantizers fake-quantized)."""
         _, holdout, perturbations = self.meters()
         columns = self._columns(allocation)
-        return perturbations.delta(holdout, dict(enumerate(columns)))
+        hooks = self.allocation_hooks(self._act_columns(allocation))
+        return perturbations.delta(holdout, dict(enumerate(columns)), hooks or None)
+
+    def act_deltas(self, allocation: Allocation) -> list[float]:
+        """Held-out ΔL of each activation quantizer alone at its allocated width."""
+        _, holdout, _ = self.meters()
+        return [holdout.delta({}, None, self.act_hooks(j, m))
+                for j, m in enumerate(self._act_columns(allocation))]
 
     def layer_deltas(self, allocation: Allocation) -> list[float]:
         """Held-out ΔL of each unit alone at its allocated width."""
@@ -535,7 +721,7 @@ class DropMeter:
         self.labels = _labels(Path(eval_path), dataset, labels_key)
         if self.labels is not None:
             self.labels = np.asarray(self.labels)[:len(dataset)]
-        self.batches = list(dataset.batches(batch_size))
+        self.batches = dataset.batched(batch_size)  # re-read per evaluation
         session = make_session(float_model)
         self.reference = np.concatenate([self._predict(session, b) for b in self.batches])
         self.fmt = fmt
@@ -590,6 +776,7 @@ def quantize_mixed(model_path: str | os.PathLike[str], output_path: str | os.Pat
     session.check_budget()
     say("Hessian analysis")
     session.omega()
+    session.act_omega()
     say(f"corrections ({mixed.interactions})")
     session.correct()
     if mixed.eval_configs > 0:
@@ -597,7 +784,7 @@ def quantize_mixed(model_path: str | os.PathLike[str], output_path: str | os.Pat
         session.evaluate()
     problem = session.problem()
     target: TargetResult | None = None
-    drops: dict[tuple[int, ...], dict[str, Any]] = {}
+    drops: dict[Any, dict[str, Any]] = {}
     if mixed.max_drop is not None:
         assert eval_path is not None
         say("accuracy-target search")
@@ -613,7 +800,8 @@ def quantize_mixed(model_path: str | os.PathLike[str], output_path: str | os.Pat
         exported = export_model(built.model, output_path, fmt=options.format,
                                 source=model_path)
     report = build_report(Path(model_path).stat().st_size, session.quantizer,
-                          session.plan_for(session._columns(allocation)), built, exported,
+                          session.plan_for(session._columns(allocation),
+                                           session._act_columns(allocation)), built, exported,
                           options)
     if eval_path is not None and output_path is not None:
         from hawq_onnx.validate import evaluate
@@ -641,12 +829,12 @@ def _check_request(mixed: MixedOptions, eval_path: Any) -> None:
 
 
 def _search(session: MixedSession, frontier: list[Allocation], eval_path: Any, labels_key: str,
-            drops: dict[tuple[int, ...], dict[str, Any]]) -> TargetResult:
+            drops: dict[Any, dict[str, Any]]) -> TargetResult:
     meter = DropMeter(session.quantizer.float_model, eval_path, labels_key=labels_key,
                       max_samples=session.mixed.eval_max_samples, fmt=session.options.format)
 
     def measure(allocation: Allocation) -> float:
-        key = tuple(allocation.bits)
+        key = allocation.key
         if key not in drops:
             drops[key] = meter(session.build(allocation).model)
         return float(drops[key]["drop"])
@@ -664,12 +852,15 @@ def _round(value: float | None, digits: int = 6) -> float | None:
 
 
 def _allocation_row(session: MixedSession, allocation: Allocation, predicted: float,
-                    drops: Mapping[tuple[int, ...], Mapping[str, Any]]) -> dict[str, Any]:
-    row = {"bits": list(allocation.bits), "avg_weight_bits": _round(allocation.avg_weight_bits),
-           "size_bytes": _round(allocation.size_bytes), "bops": _round(allocation.bops),
-           "latency_s": _round(allocation.latency), "predicted_dl": _round(predicted),
-           "measured_dl": _round(session.measured_delta(allocation))}
-    measured = drops.get(tuple(allocation.bits))
+                    drops: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"bits": list(allocation.bits)}
+    if session.act_units:
+        row["act_bits"] = list(allocation.act_bits)
+    row.update({"avg_weight_bits": _round(allocation.avg_weight_bits),
+                "size_bytes": _round(allocation.size_bytes), "bops": _round(allocation.bops),
+                "latency_s": _round(allocation.latency), "predicted_dl": _round(predicted),
+                "measured_dl": _round(session.measured_delta(allocation))})
+    measured = drops.get(allocation.key)
     if measured is not None:
         row["drop"] = _round(measured["drop"])
     return row
@@ -677,7 +868,7 @@ def _allocation_row(session: MixedSession, allocation: Allocation, predicted: fl
 
 def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: Allocation,
                  frontier: Sequence[Allocation], target: TargetResult | None,
-                 drops: Mapping[tuple[int, ...], Mapping[str, Any]]) -> dict[str, Any]:
+                 drops: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
     """The report's ``mixed`` section."""
     mixed = session.mixed
     model = session.chosen_model()
@@ -699,7 +890,7 @@ def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: 
             "avg_weight_bits": _round((allocation.avg_weight_bits * params
                                        + FLOAT_BITS * float_params) / (params + float_params)),
             "bops": _round(allocation.bops), "latency_s": _round(allocation.latency),
-            "predicted_dl": _round(model.predict(columns)),
+            "predicted_dl": _round(model.predict(columns) + _act_predicted(session, allocation)),
             "measured_dl": _round(session.measured_delta(allocation)),
         },
         "units": [{"names": list(c.names), "params": c.params, "macs": c.macs,
@@ -710,11 +901,50 @@ def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: 
         "pairs": {"neighbours": len(session.corrections.pairs) if session.corrections else 0,
                   "in_ilp": len(problem.pair_costs)},
     }
+    if session.act_bits:
+        _add_activations(out, session, allocation)
     if session.evaluation is not None:
         out["spearman"] = session.evaluation.to_dict()
     if target is not None:
         out["target"] = target.to_dict()
     return out
+
+
+def _act_predicted(session: MixedSession, allocation: Allocation) -> float:
+    """The allocated activation quantizers' share of the predicted ΔL."""
+    if not session.act_units:
+        return 0.0
+    unary = session.act_unary()
+    return float(sum(unary[j, m] for j, m in enumerate(session._act_columns(allocation))))
+
+
+def _add_activations(out: dict[str, Any], session: MixedSession,
+                     allocation: Allocation) -> None:
+    """``candidate_act_bits`` and one ``activations`` row per activation quantizer: its
+    tensor, the layer inputs it quantizes and their readers, the summed Hessian trace of
+    those inputs (mean per sample), Ω per candidate, the chosen width, predicted and
+    measured (held-out, that quantizer alone) ΔL."""
+    out["candidate_act_bits"] = list(session.act_bits)
+    if session.mixed.act_pins or session.act_pins:
+        out["act_pins"] = {session.act_units[j].name: b for j, b in session.act_pins.items()}
+    table = session.act_sensitivity
+    omega = session.act_omega()
+    unary = session.act_unary()
+    measured = session.act_deltas(allocation)
+    rows = []
+    for j, (unit, bits) in enumerate(zip(session.act_units, allocation.act_bits, strict=True)):
+        traced = [r for r, key in enumerate(table.keys) if key == unit.name] if table else []
+        m = session.act_bits.index(bits)
+        rows.append({
+            "tensor": unit.name, "inputs": list(unit.tensors), "readers": list(unit.readers),
+            "trace": _round(float(sum(table.trace[r] for r in traced))) if traced else None,
+            "trace_se": (_round(float(np.sqrt(sum(np.nan_to_num(table.trace_se[r]) ** 2
+                                                  for r in traced)))) if traced else None),
+            "omega": {str(b): _round(float(v)) for b, v in zip(session.act_bits, omega[j],
+                                                               strict=True)},
+            "bits": bits, "predicted_dl": _round(float(unary[j, m])),
+            "measured_dl": _round(measured[j])})
+    out["activations"] = rows
 
 
 def _annotate_layers(report: dict[str, Any], session: MixedSession,

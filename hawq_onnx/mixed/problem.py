@@ -7,6 +7,14 @@ built by different parts of the package; they meet only here. The solver
 
 Indexing: ``layers[i]`` is one allocatable unit (a weight initializer, or a group of them
 tied to one width); column ``k`` of every ``[L, B]`` table belongs to ``candidate_bits[k]``.
+
+Activation widths (optional): ``act_units[j]`` is one activation quantizer (a Q/DQ pair's
+scale and zero point, shared by every tensor that copies them), column ``m`` of every
+``[A, C]`` table belongs to ``act_candidate_bits[m]``. Costs that depend on both widths of a
+layer (BOPs ``MACs·b_w·b_a``, latency) live in ``joint[metric][(i, j)]``, a ``[B, C]`` table
+summed over the layers that read weight unit i through activation quantizer j. Every layer
+reading quantizer j sees its one width, so tying by activation quantizer needs no extra
+constraint, and the weights of those layers stay free.
 """
 
 from __future__ import annotations
@@ -44,6 +52,20 @@ class LayerChoice:
         return "+".join(self.names) if self.names else "+".join(self.act_names)
 
 
+@dataclass(frozen=True)
+class ActUnit:
+    """One activation quantizer: ``name`` owns the Q/DQ parameters; ``tensors`` are the
+    layer inputs read through it; ``readers`` the weighted nodes reading them."""
+
+    name: str
+    tensors: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
 @dataclass
 class AllocationProblem:
     """Everything the ILP needs.
@@ -52,6 +74,12 @@ class AllocationProblem:
     ``pair_costs[(i, j)]`` (i < j): ``[B, B]`` extra loss when i takes column a and j column b.
     ``size_bytes`` defaults to ``params * b / 8``; ``bops`` and ``latency`` are optional and
     only needed for the matching budgets. ``pins`` maps a layer index to required bits.
+
+    With activation widths: ``act_omega[j, m]`` is quantizer j's loss increase at
+    ``act_candidate_bits[m]`` (no pairwise terms), ``joint`` the ``[B, C]`` costs per
+    (weight unit, activation unit) and metric, added to the ``[L, B]`` table of that metric
+    (which then holds only the layers whose activation width is fixed), ``act_pins`` maps an
+    activation unit to required bits.
     """
 
     layers: list[LayerChoice]
@@ -62,9 +90,17 @@ class AllocationProblem:
     bops: np.ndarray | None = None
     latency: np.ndarray | None = None
     pins: dict[int, int] = field(default_factory=dict)
+    act_units: list[ActUnit] = field(default_factory=list)
+    act_candidate_bits: list[int] = field(default_factory=list)
+    act_omega: np.ndarray | None = None
+    joint: dict[str, dict[tuple[int, int], np.ndarray]] = field(default_factory=dict)
+    act_pins: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.omega = np.asarray(self.omega, dtype=np.float64)
+        if self.act_omega is None:
+            self.act_omega = np.zeros((len(self.act_units), len(self.act_candidate_bits)))
+        self.act_omega = np.asarray(self.act_omega, dtype=np.float64)
         if self.size_bytes is None:
             self.size_bytes = default_size_bytes(self.layers, self.candidate_bits)
         self.validate()
@@ -78,6 +114,14 @@ class AllocationProblem:
         return len(self.candidate_bits)
 
     @property
+    def n_acts(self) -> int:
+        return len(self.act_units)
+
+    @property
+    def n_act_bits(self) -> int:
+        return len(self.act_candidate_bits)
+
+    @property
     def params(self) -> np.ndarray:
         return np.array([c.params for c in self.layers], dtype=np.float64)
 
@@ -89,6 +133,11 @@ class AllocationProblem:
             value = getattr(self, metric)
             return None if value is None else np.asarray(value, dtype=np.float64)
         raise AllocationProblemError(f"unknown budget metric '{metric}'")
+
+    def joint_table(self, metric: str) -> dict[tuple[int, int], np.ndarray]:
+        """``{(weight unit, act unit): [B, C]}`` costs of a metric (empty: none)."""
+        return {key: np.asarray(value, dtype=np.float64)
+                for key, value in self.joint.get(metric, {}).items()}
 
     def validate(self) -> None:
         shape = (self.n_layers, self.n_bits)
@@ -106,6 +155,27 @@ class AllocationProblem:
             if not 0 <= i < self.n_layers or bits not in self.candidate_bits:
                 raise AllocationProblemError(
                     f"pin {i}={bits}: layer index or width not among the candidates")
+        self._validate_acts()
+
+    def _validate_acts(self) -> None:
+        n_c = self.n_act_bits
+        if len(set(self.act_candidate_bits)) != n_c or (self.act_units and n_c == 0):
+            raise AllocationProblemError(
+                f"activation candidate bits must be distinct: {self.act_candidate_bits}")
+        if np.shape(self.act_omega) != (self.n_acts, n_c):
+            raise AllocationProblemError(f"act_omega has shape {np.shape(self.act_omega)}, "
+                                         f"expected {(self.n_acts, n_c)}")
+        for metric, tables in self.joint.items():
+            if metric not in ("bops", "latency"):
+                raise AllocationProblemError(f"no joint costs for metric '{metric}'")
+            for (i, j), cost in tables.items():
+                if not (0 <= i < self.n_layers and 0 <= j < self.n_acts) \
+                        or np.shape(cost) != (self.n_bits, n_c):
+                    raise AllocationProblemError(f"bad joint {metric} entry ({i}, {j})")
+        for j, bits in self.act_pins.items():
+            if not 0 <= j < self.n_acts or bits not in self.act_candidate_bits:
+                raise AllocationProblemError(
+                    f"activation pin {j}={bits}: unit index or width not among the candidates")
 
 
 @dataclass
@@ -126,7 +196,8 @@ class Budget:
 
 @dataclass
 class Allocation:
-    """One width per layer (``bits[i]`` for ``layers[i]``) and its totals."""
+    """One width per layer (``bits[i]`` for ``layers[i]``), one per activation quantizer
+    (``act_bits[j]`` for ``act_units[j]``, empty without activation candidates), totals."""
 
     bits: list[int]
     objective: float
@@ -136,6 +207,17 @@ class Allocation:
     latency: float | None
     status: str
     columns: list[int] = field(default_factory=list)
+    act_bits: list[int] = field(default_factory=list)
+    act_columns: list[int] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Weight and activation widths: identifies a configuration."""
+        return tuple(self.bits), tuple(self.act_bits)
+
+    def by_act_name(self, problem: AllocationProblem) -> dict[str, int]:
+        """Activation quantizer (parameter-owning tensor) -> bits."""
+        return {unit.name: b for unit, b in zip(problem.act_units, self.act_bits, strict=True)}
 
     def by_name(self, problem: AllocationProblem) -> dict[str, int]:
         """Weight initializer name -> bits (expands tied groups)."""
@@ -149,5 +231,5 @@ def default_size_bytes(layers: list[LayerChoice], candidate_bits: list[int]) -> 
     return params[:, None] * np.asarray(candidate_bits, dtype=np.float64)[None, :] / 8.0
 
 
-__all__ = ["Allocation", "AllocationProblem", "AllocationProblemError", "Budget",
+__all__ = ["ActUnit", "Allocation", "AllocationProblem", "AllocationProblemError", "Budget",
            "InfeasibleBudgetError", "LayerChoice", "default_size_bytes"]

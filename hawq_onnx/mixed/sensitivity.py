@@ -86,6 +86,17 @@ class SensitivityTable:
                 out[i] = omega[rows].sum(axis=0)
         return out
 
+    def for_keys(self, keys: Sequence[str], k_se: float = 0.0) -> np.ndarray:
+        """[len(keys), B]: Ω summed over the rows of each key (an activation unit's
+        quantizer); keys without rows get zeros."""
+        omega = self.omega_at(k_se)
+        out = np.zeros((len(keys), len(self.candidate_bits)))
+        for i, key in enumerate(keys):
+            rows = [r for r, owner in enumerate(self.keys) if owner == key]
+            if rows:
+                out[i] = omega[rows].sum(axis=0)
+        return out
+
     def to_dict(self) -> dict[str, object]:
         omega = self.omega
         return {"kind": self.kind, "candidate_bits": list(self.candidate_bits),
@@ -154,10 +165,11 @@ def weight_sensitivity(analysis: AnalysisResult, quantizer: Quantizer,
 # ------------------------------------------------------------------------ activations
 def activation_params_at(quantizer: Quantizer, tensors: Sequence[str], bits: int,
                          symmetric: bool = False,
-                         calib_method: CalibMethod = DEFAULT_CALIB_METHOD
-                         ) -> dict[str, ActQParams]:
+                         calib_method: CalibMethod = DEFAULT_CALIB_METHOD,
+                         percentile: float = 99.999) -> dict[str, ActQParams]:
     """The exporter's parameters for these parameter-owning tensors at one width."""
-    plan = QuantPlan({}, {t: ActSpec(bits, symmetric) for t in tensors}, calib_method)
+    plan = QuantPlan({}, {t: ActSpec(bits, symmetric) for t in tensors}, calib_method,
+                     percentile)
     return quantizer.activation_params(plan)
 
 
@@ -174,15 +186,16 @@ def _with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelP
 def activation_sq_errors(quantizer: Quantizer, dataset: Dataset, tensors: Mapping[str, str],
                          candidate_bits: Sequence[int], *, symmetric: bool = False,
                          calib_method: CalibMethod = DEFAULT_CALIB_METHOD,
-                         batch_size: int = 32, max_samples: int = 256
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         batch_size: int = 32, max_samples: int = 256,
+                         percentile: float = 99.999) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample ``E‖Q_b(a) − a‖²`` ([N, B]) and elements per sample ([N]).
 
     ``tensors`` maps each measured tensor to the tensor owning its Q/DQ parameters.
     """
     names = list(tensors)
     owners = sorted(set(tensors.values()))
-    params = {b: activation_params_at(quantizer, owners, b, symmetric, calib_method)
+    params = {b: activation_params_at(quantizer, owners, b, symmetric, calib_method,
+                                      percentile)
               for b in candidate_bits}
     session = make_session(_with_outputs(quantizer.model, names))
     totals = np.zeros((len(names), len(candidate_bits)))
@@ -207,7 +220,8 @@ def activation_sensitivity(analysis: AnalysisResult, quantizer: Quantizer, datas
                            candidate_bits: Sequence[int] = (8, 16), *,
                            symmetric: bool = False,
                            calib_method: CalibMethod = DEFAULT_CALIB_METHOD,
-                           batch_size: int = 32, max_samples: int = 256) -> SensitivityTable:
+                           batch_size: int = 32, max_samples: int = 256,
+                           percentile: float = 99.999) -> SensitivityTable:
     """Ω for every analysed layer-input activation that the placement quantizes.
 
     Needs ``analysis`` run with ``activations=True`` and a calibrated ``quantizer``.
@@ -227,7 +241,8 @@ def activation_sensitivity(analysis: AnalysisResult, quantizer: Quantizer, datas
     rows = [a for a in analysis.activations if a.tensor in owners]
     errors, numel = activation_sq_errors(quantizer, dataset, owners, candidate_bits,
                                          symmetric=symmetric, calib_method=calib_method,
-                                         batch_size=batch_size, max_samples=max_samples)
+                                         batch_size=batch_size, max_samples=max_samples,
+                                         percentile=percentile)
     return SensitivityTable(
         kind="activation", names=[a.tensor for a in rows],
         keys=[owners[a.tensor] for a in rows], candidate_bits=list(candidate_bits),

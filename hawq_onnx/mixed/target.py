@@ -59,9 +59,15 @@ class TargetResult:
         return {"max_drop": self.max_drop, "met": self.met, "chosen": self.chosen,
                 "drop": self.drop, "frontier_points": len(self.frontier),
                 "evaluations": len(self.probes),
-                "probes": [{"index": p.index, "bits": self.frontier[p.index].bits,
-                            "drop": p.drop, "passed": p.passed, "step": p.step}
-                           for p in self.probes]}
+                "probes": [self._probe_dict(p) for p in self.probes]}
+
+    def _probe_dict(self, probe: Probe) -> dict[str, Any]:
+        point = self.frontier[probe.index]
+        out: dict[str, Any] = {"index": probe.index, "bits": point.bits}
+        if point.act_bits:
+            out["act_bits"] = point.act_bits
+        out.update(drop=probe.drop, passed=probe.passed, step=probe.step)
+        return out
 
 
 class _Measured:

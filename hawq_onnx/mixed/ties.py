@@ -1,21 +1,29 @@
 """Allocatable units (tied groups of weights) and pins.
 
 Why ties: one weight initializer read by several nodes (shared embeddings, tied heads) has
-one stored width, so those nodes are one unit. When activation widths are allocated, every
-layer reading one activation quantizer (the same input tensor, or tensors that share its
-scale and zero point) must agree on that quantizer's width, so those layers are merged too.
-Users can add their own ties (HAWQ-V3 ties a residual block's downsample layer to its main
-branch) and pins (``--pin NAME=BITS``, ``--pin-first-last BITS``: HAWQ-V3 keeps the first
-and last layers at 8 bits).
+one stored width, so those nodes are one unit. Every layer reading one activation quantizer
+(the same input tensor, or tensors that share its scale and zero point) must agree on that
+quantizer's width: ``layer_choices(tie_activations=True)`` merges such layers into one unit
+(one width for weights and activations alike, coarse). Users can add their own ties (HAWQ-V3
+ties a residual block's downsample layer to its main branch) and pins (``--pin NAME=BITS``,
+``--pin-first-last BITS``: HAWQ-V3 keeps the first and last layers at 8 bits).
+
+Joint weight/activation allocation (:func:`activation_units`, what ``--candidate-act-bits``
+uses) does not merge weights: each activation quantizer is its own unit, and each weighted
+layer is linked to its weight unit and to the quantizer of its input (:class:`LayerLink`),
+which is all the ILP needs to price BOPs and latency per (weight width, activation width).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from onnx import TensorProto
 
 from hawq_onnx.errors import HawqError
 from hawq_onnx.graph import GraphView, QuantizableLayer
-from hawq_onnx.mixed.problem import LayerChoice
+from hawq_onnx.mixed.problem import ActUnit, LayerChoice
 from hawq_onnx.passes.qdq_placement import Placement
 
 
@@ -117,6 +125,76 @@ def _build_choices(layers: list[QuantizableLayer], uf: _UnionFind,
     return choices
 
 
+@dataclass(frozen=True)
+class LayerLink:
+    """One weighted layer in the joint problem: its weight unit, the activation unit of its
+    input (None: that width is not allocated) and its MACs per sample."""
+
+    node: str
+    unit: int
+    act: int | None
+    macs: int
+
+
+def activation_units(view: GraphView, placement: Placement,
+                     choices: Sequence[LayerChoice]) -> tuple[list[ActUnit], list[LayerLink]]:
+    """One :class:`ActUnit` per activation quantizer that feeds a weighted layer of
+    ``choices`` (graph order), and every such layer's :class:`LayerLink`.
+
+    Quantizers that feed no weighted layer (residual Add inputs, pooling, outputs) are left at
+    the base activation width: they carry no BOPs and the Hessian analysis has no trace for
+    them. A layer input that is not float32 stays float in the exporter, so it is no unit.
+    """
+    unit_of = {name: i for i, choice in enumerate(choices) for name in choice.names}
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    links: list[LayerLink] = []
+    for layer in weighted_layers(view, placement):
+        unit = unit_of.get(layer.weight or "")
+        if unit is None:
+            continue
+        tensor = layer.inputs[0] if layer.inputs else ""
+        owner = None
+        if tensor and not view.is_constant(tensor) \
+                and view.elem_type(tensor) == TensorProto.FLOAT:
+            owner = activation_quantizer(tensor, placement)
+        act = None
+        if owner is not None:
+            tensors, readers = found.setdefault(owner, ([], []))
+            if tensor not in tensors:
+                tensors.append(tensor)
+            readers.append(layer.node)
+            act = list(found).index(owner)
+        links.append(LayerLink(layer.node, unit, act, int(layer.macs)))
+    units = [ActUnit(name, tuple(tensors), tuple(readers))
+             for name, (tensors, readers) in found.items()]
+    return units, links
+
+
+def resolve_act_pins(units: Sequence[ActUnit], pins: Iterable[tuple[str, int]],
+                     candidate_bits: Sequence[int]) -> dict[int, int]:
+    """``--pin-act TENSOR=BITS`` -> ``{activation unit index: bits}``; the tensor may be the
+    quantizer's own tensor or any layer input read through it."""
+    index: dict[str, int] = {}
+    for j, unit in enumerate(units):
+        index.setdefault(unit.name, j)
+        for tensor in unit.tensors:
+            index.setdefault(tensor, j)
+    out: dict[int, int] = {}
+    for name, bits in pins:
+        if name not in index:
+            raise PinError(f"--pin-act {name}={bits}: no activation quantizer feeding a "
+                           f"weighted layer reads '{name}'")
+        if bits not in candidate_bits:
+            raise PinError(f"--pin-act {name}={bits}: {bits} is not among the candidate "
+                           f"activation bits {list(candidate_bits)}")
+        j = index[name]
+        if out.get(j, bits) != bits:
+            raise PinError(f"--pin-act {name}={bits} conflicts with {out[j]} bits pinned on "
+                           f"the same quantizer ({units[j].name})")
+        out[j] = bits
+    return out
+
+
 def _numel(view: GraphView, name: str) -> int:
     count = 1
     for dim in view.initializers[name].dims:
@@ -203,5 +281,6 @@ def merge_pins(*groups: Mapping[str, int]) -> list[tuple[str, int]]:
     return [item for group in groups for item in group.items()]
 
 
-__all__ = ["PinError", "activation_quantizer", "choice_index", "first_last_pins",
-           "layer_choices", "merge_pins", "parse_pin", "resolve_pins", "weighted_layers"]
+__all__ = ["LayerLink", "PinError", "activation_quantizer", "activation_units", "choice_index",
+           "first_last_pins", "layer_choices", "merge_pins", "parse_pin", "resolve_act_pins",
+           "resolve_pins", "weighted_layers"]
