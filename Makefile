@@ -95,7 +95,7 @@ report-screenshot: setup
 	  --calib models/fashion_calib.npz --eval $(DEMO_EVAL) --report $(REPORT_DIR)/quantize.json \
 	  --report-html $(REPORT_DIR)/quantize.html
 	$(VENV)/bin/hawq-onnx quantize $(DEMO_MODEL) -o $(REPORT_DIR)/mixed.onnx \
-	  --calib models/fashion_calib.npz --avg-weight-bits 4 --analysis-samples 64 \
+	  --calib models/fashion_calib.npz --bops-budget 100M --candidate-act-bits 8,16 --analysis-samples 64 \
 	  --holdout-samples 64 --max-probes 16 --eval-configs 4 --no-interactions \
 	  --cache-dir $(REPORT_DIR)/cache --report-html $(REPORT_DIR)/mixed.html
 	$(VENV)/bin/hawq-onnx analyze $(DEMO_MODEL) --calib models/fashion_calib.npz \

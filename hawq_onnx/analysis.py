@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from hawq_onnx.data import LABELS_KEY, Batches, Dataset, input_specs, load_npz
+from hawq_onnx.data import LABELS_KEY, Dataset, input_specs, load_npz
 from hawq_onnx.errors import HawqError, InvalidDataError
 from hawq_onnx.graph import GraphView, QuantizableLayer
 from hawq_onnx.hessian.activations import activation_sampler, reached_tensors
@@ -45,6 +45,7 @@ from hawq_onnx.hessian.result import (
     LayerResult,
 )
 from hawq_onnx.importer import NORMALIZATION_PASSES, ImportedModel, load_model
+from hawq_onnx.mirror.batching import relaxed_batch_size
 from hawq_onnx.mirror.module import Mirror
 from hawq_onnx.model_io import model_sha256
 from hawq_onnx.parity import check_reference_runs
@@ -115,7 +116,7 @@ class _Inputs:
 
     model: onnx.ModelProto
     name: str
-    batches: Batches  # re-iterable: every pass reads the data again
+    dataset: Dataset  # batched for the mirror once it is built and checked (see _run)
     labels: np.ndarray | None
     data_sha256: str
     layers: list[QuantizableLayer] = field(default_factory=list)
@@ -140,7 +141,7 @@ def analyze(
     inputs = _load_inputs(model, data, settings)
     cache = ResultCache(cache_dir) if use_cache else None
     model_hash = model_sha256(inputs.model)
-    key = cache_key(model_hash, inputs.data_sha256, settings.key_fields())
+    key = cache_key(model_hash, inputs.data_sha256, _key_fields(settings, inputs.dataset))
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
@@ -166,12 +167,22 @@ def _load_inputs(model: Any, data: Any, settings: AnalysisSettings) -> _Inputs:
     if settings.max_samples is not None:  # the first samples: whole batches, the last cut
         dataset = dataset.head(settings.max_samples)
         labels = labels[:len(dataset)] if labels is not None else None
-    batches = dataset.batched(settings.batch_size)
-    first = next(iter(batches), None)
+    first = next(dataset.batches(settings.batch_size), None)  # onnxruntime: declared batch
     if first is not None:  # bad input fails here in one line, not deep inside the mirror
         check_reference_runs(proto, first, str(dataset.source))
     layers = GraphView(proto).quantizable_layers()
-    return _Inputs(proto, name, batches, labels, dataset_sha256(dataset, labels), layers)
+    return _Inputs(proto, name, dataset, labels, dataset_sha256(dataset, labels), layers)
+
+
+def _key_fields(settings: AnalysisSettings, dataset: Dataset) -> dict[str, Any]:
+    """The settings part of the cache key. The mirror's batch size is a function of what
+    the key already holds (model, data, ``batch_size``, dtype, device), so it needs no field;
+    a model with a fixed batch gets a marker so that entries computed before batches were
+    relaxed for the mirror (at the declared batch) are not served."""
+    fields = settings.key_fields()
+    if dataset.fixed_batch is not None:
+        fields["mirror_batching"] = "verified-relaxation"
+    return fields
 
 
 def _dataset(data: Any, model: onnx.ModelProto,
@@ -234,8 +245,9 @@ def _run(inputs: _Inputs, settings: AnalysisSettings,
     device = _device(settings.device)
     mirror = Mirror(inputs.model, weight_names=[layer.weight for layer in layers],
                     dtype=_DTYPES[settings.dtype], device=device)
-    objective = Objective(mirror, inputs.batches, inputs.labels, settings.loss,
-                          settings.outputs, settings.temperature)
+    batch, reason = relaxed_batch_size(mirror, inputs.dataset, settings.batch_size)
+    objective = Objective(mirror, inputs.dataset.batched(batch, relax_fixed=True),
+                          inputs.labels, settings.loss, settings.outputs, settings.temperature)
     hvp = HessianVectorProduct(objective, settings.hvp_mode)
     report = _progress(progress)
     with _timed(timings, "traces"):
@@ -251,7 +263,7 @@ def _run(inputs: _Inputs, settings: AnalysisSettings,
         samples=objective.total, probes=traces.probes,
         converged=bool(traces.converged.all()), hvp_mode=hvp.mode,
         layers=result_layers, total_trace=traces.total_mean, total_trace_se=traces.total_se,
-        model=inputs.name, timings=timings)
+        model=inputs.name, timings=timings, mirror_batch=batch, mirror_batch_reason=reason)
     if settings.eigs:
         with _timed(timings, "eigenvalues"):
             _eigenvalues(hvp, settings, result, report)

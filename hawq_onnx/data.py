@@ -168,22 +168,26 @@ class Dataset:
                    for c in self._columns.values() if c.axis is not None)
 
     # ------------------------------------------------------------------ access
-    def batch_slices(self, batch_size: int) -> list[slice]:
-        """Sample ranges of each batch; a batch size the model declares wins."""
-        size = self.fixed_batch or batch_size
+    def batch_slices(self, batch_size: int, relax_fixed: bool = False) -> list[slice]:
+        """Sample ranges of each batch; a batch size the model declares wins unless
+        ``relax_fixed`` (feeds for the autograd mirror only, once
+        :func:`hawq_onnx.mirror.batching.relaxed_batch_size` has verified that the mirror
+        computes the same thing on bigger batches: onnxruntime rejects them)."""
+        size = batch_size if relax_fixed else (self.fixed_batch or batch_size)
         if size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         return [slice(start, min(start + size, len(self))) for start in range(0, len(self), size)]
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int,
+                relax_fixed: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Feeds for the model, one dict per batch, in sample order, read as they are asked
-        for."""
-        for part in self.batch_slices(batch_size):
+        for (``relax_fixed``: see :meth:`batch_slices`)."""
+        for part in self.batch_slices(batch_size, relax_fixed):
             yield self.read(part)
 
-    def batched(self, batch_size: int) -> Batches:
+    def batched(self, batch_size: int, relax_fixed: bool = False) -> Batches:
         """The batches as a re-iterable: every pass reads them again (see :class:`Batches`)."""
-        return Batches(self, batch_size)
+        return Batches(self, batch_size, relax_fixed)
 
     def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[dict[str, np.ndarray]]:
         """All samples in order, in pieces of at most ``max_bytes`` (at least one sample),
@@ -242,12 +246,19 @@ class Batches:
 
     dataset: Dataset
     batch_size: int
+    relax_fixed: bool = False  # ignore a declared batch size (mirror feeds only)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self.dataset.batches(self.batch_size)
+        return self.dataset.batches(self.batch_size, self.relax_fixed)
 
     def __len__(self) -> int:
-        return len(self.dataset.batch_slices(self.batch_size))
+        return len(self.dataset.batch_slices(self.batch_size, self.relax_fixed))
+
+    @property
+    def batch_axes(self) -> dict[str, int | None]:
+        """Each input's sample axis, so consumers count a batch's samples on the right axis
+        (an RNN state ``[2, N, H]`` listed before the audio input)."""
+        return {spec.name: spec.batch_axis for spec in self.dataset.specs}
 
 
 # ---------------------------------------------------------------------- model side

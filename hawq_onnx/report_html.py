@@ -181,7 +181,8 @@ def bit_chart(report: Mapping[str, Any]) -> str:
     if not rows:
         return '<p class="muted">No per-layer bit widths in this report.</p>'
     widths = [int(r["weight_bits"]) for r in rows]
-    top = max([8, *[w for w in widths if w < 32]])
+    acts = [int(a) for a in (_num(r.get("act_bits")) for r in rows) if a is not None]
+    top = max([8, *[w for w in widths + acts if w < 32]])
     frame = _Frame((0, len(rows)), (0, top + 1))
     slot = frame.inner_w / len(rows)
     parts = frame.axes([t for t in (2, 4, 8, 16) if t <= top], "bits")
@@ -201,7 +202,7 @@ def bit_chart(report: Mapping[str, Any]) -> str:
                      "</rect>")
         centers.append(frame.x(i) + slot / 2)
         if act is not None and act < 32:
-            parts.append(f'<circle cx="{centers[-1]:.1f}" cy="{frame.y(min(act, top)):.1f}" '
+            parts.append(f'<circle cx="{centers[-1]:.1f}" cy="{frame.y(act):.1f}" '
                          f'r="{min(4.0, max(1.5, slot / 5)):.1f}" fill="#000" fill-opacity="0.65">'
                          f"<title>activation {int(act)} bits</title></circle>")
     parts += _x_labels(frame, [_label(r) for r in rows], centers)

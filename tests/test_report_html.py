@@ -242,3 +242,18 @@ def test_unwritable_html_path_is_a_one_line_error(tmp_path: Path,
     with pytest.raises(Exception, match="cannot write the HTML report"):
         write_html(tmp_path / "missing-dir" / "r.html", FULL)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sixteen_bit_activation_dots_sit_above_eight_bit_weights() -> None:
+    """A 16-bit activation must be drawn at 16 on an axis that reaches 16, not clipped to 8."""
+    from hawq_onnx.report_html import bit_chart
+
+    report = {"layers": [{"name": "w0", "op": "Gemm", "weight_bits": 8, "act_bits": 8},
+                         {"name": "w1", "op": "Gemm", "weight_bits": 8, "act_bits": 16}]}
+    svg = bit_chart(report)
+    dots = [float(y) for y in re.findall(r'<circle cx="[\d.]+" cy="([\d.]+)"', svg)]
+    bars = [float(y) for y in re.findall(r'<rect x="[\d.]+" y="([\d.]+)"', svg)]
+    assert len(dots) == 2 and len(bars) == 2
+    assert dots[0] == pytest.approx(bars[0])  # the 8-bit dot on top of the 8-bit bar
+    assert dots[1] < bars[1] - 10  # SVG y grows downwards: 16 bits is well above the bar
+    assert ">16<" in svg  # the axis has a 16-bit tick

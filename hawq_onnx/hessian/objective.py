@@ -133,6 +133,7 @@ class MicroBatches:
         self._source = source
         self._names = list(input_names)
         self._labels = labels
+        self._axes: Mapping[str, int | None] = getattr(source, "batch_axes", {})
         self._targets = _TargetStore()
         self._count = 0
 
@@ -165,7 +166,7 @@ class MicroBatches:
         if missing:
             raise InvalidDataError(f"calibration batch lacks model input(s) {missing}")
         tensors = {n: to_torch(np.asarray(feeds[n])) for n in self._names}
-        size = _batch_size(tensors)
+        size = _batch_size(tensors, self._axes)
         batch_labels = None
         if self._labels is not None:
             if offset + size > len(self._labels):
@@ -219,7 +220,15 @@ def _reiterable(batches: Iterable[Feeds]) -> Iterable[Feeds]:
     return list(batches) if iter(batches) is batches else batches
 
 
-def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
+def _batch_size(tensors: Mapping[str, torch.Tensor], axes: Mapping[str, int | None]) -> int:
+    """Samples in a micro-batch: along the first input with a known sample axis (the data
+    layer's), else axis 0 of the first non-scalar input (plain dicts of arrays)."""
+    if axes:
+        for name, tensor in tensors.items():
+            axis = axes.get(name)
+            if axis is not None and tensor.dim() > axis:
+                return int(tensor.shape[axis])
+        return 1
     for tensor in tensors.values():
         if tensor.dim() > 0:
             return int(tensor.shape[0])

@@ -87,6 +87,10 @@ class AnalysisResult:
     activation_probes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     model: str = ""
+    # the batch size the mirror was fed (bigger than a declared fixed batch once verified,
+    # see hawq_onnx.mirror.batching) and why a declared batch was kept, if it was
+    mirror_batch: int | None = None
+    mirror_batch_reason: str | None = None
     schema: int = SCHEMA_VERSION
     cached: bool = False  # set when read from the cache; not part of the JSON
 

@@ -245,22 +245,23 @@ def objective_value(problem: AllocationProblem, columns: list[int],
     return total
 
 
-def _allowed(problem: AllocationProblem) -> np.ndarray:
-    """[L, B] mask of columns each layer may take (pins leave one)."""
-    mask = np.ones((problem.n_layers, problem.n_bits), dtype=bool)
-    for i, bits in problem.pins.items():
+def _pin_mask(count: int, candidate_bits: list[int], pins: dict[int, int]) -> np.ndarray:
+    """[count, len(candidate_bits)] mask of the columns each unit may take (a pin leaves one)."""
+    mask = np.ones((count, len(candidate_bits)), dtype=bool)
+    for i, bits in pins.items():
         mask[i] = False
-        mask[i, problem.candidate_bits.index(bits)] = True
+        mask[i, candidate_bits.index(bits)] = True
     return mask
+
+
+def _allowed(problem: AllocationProblem) -> np.ndarray:
+    """[L, B] mask of columns each weight unit may take."""
+    return _pin_mask(problem.n_layers, problem.candidate_bits, problem.pins)
 
 
 def _act_allowed(problem: AllocationProblem) -> np.ndarray:
     """[A, C] mask of columns each activation unit may take."""
-    mask = np.ones((problem.n_acts, problem.n_act_bits), dtype=bool)
-    for j, bits in problem.act_pins.items():
-        mask[j] = False
-        mask[j, problem.act_candidate_bits.index(bits)] = True
-    return mask
+    return _pin_mask(problem.n_acts, problem.act_candidate_bits, problem.act_pins)
 
 
 def smallest_achievable(problem: AllocationProblem, metric: str) -> float:

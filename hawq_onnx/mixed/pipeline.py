@@ -55,6 +55,7 @@ from hawq_onnx.hessian.hvp import HessianVectorProduct
 from hawq_onnx.hessian.objective import Objective
 from hawq_onnx.hessian.result import AnalysisResult
 from hawq_onnx.importer import load_model
+from hawq_onnx.mirror.batching import describe, relaxation_note, relaxed_batch_size
 from hawq_onnx.mirror.module import Mirror
 from hawq_onnx.mixed import interactions as inter
 from hawq_onnx.mixed.costs import (
@@ -250,6 +251,7 @@ class MixedSession:
         self._overhead: float | None = None
         self.act_sensitivity: SensitivityTable | None = None
         self._act_measured: np.ndarray | None = None
+        self.mirror_batch: dict[str, Any] | None = None  # report entry, set with the meters
 
     # ------------------------------------------------------------------ set-up
     def _load(self) -> None:
@@ -418,10 +420,11 @@ class MixedSession:
         if self._meter is None:
             names = inter.model_weights(self.quantizer.model, self.choices)
             mirror = Mirror(self.quantizer.model, weight_names=names)
-            objective = Objective(mirror, self.analysis_data.batched(self.options.batch_size))
+            size = self._mirror_batch_size(mirror)
+            objective = Objective(mirror, self.analysis_data.batched(size, relax_fixed=True))
             self._meter = inter.LossMeter(objective)
             self._holdout_meter = inter.LossMeter(Objective(
-                objective.mirror, self.holdout_data.batched(self.options.batch_size)))
+                objective.mirror, self.holdout_data.batched(size, relax_fixed=True)))
             self._perturbations = inter.Perturbations.build(
                 self.quantizer, objective.mirror, self.choices, self.bits, self.base_spec,
                 self.act_params)
@@ -433,6 +436,17 @@ class MixedSession:
             self._hvp = HessianVectorProduct(objective)
         assert self._holdout_meter is not None and self._perturbations is not None
         return self._meter, self._holdout_meter, self._perturbations
+
+    def _mirror_batch_size(self, mirror: Mirror) -> int:
+        """The batch size the meters feed the mirror: ``--batch-size`` even for a model that
+        declares a fixed batch, once the mirror is verified to compute the same on it (one
+        check on the analysis split, before any hook; the held-out split uses the same)."""
+        size, reason = relaxed_batch_size(mirror, self.analysis_data, self.options.batch_size)
+        self.mirror_batch = describe(size, self.analysis_data.fixed_batch, reason)
+        note = relaxation_note(self.mirror_batch)
+        if note is not None:
+            self.notes.append(note)
+        return size
 
     def measure_bits(self) -> list[int]:
         if self.mixed.measure_bits is not None:
@@ -900,6 +914,7 @@ def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: 
                               for a in frontier]},
         "pairs": {"neighbours": len(session.corrections.pairs) if session.corrections else 0,
                   "in_ilp": len(problem.pair_costs)},
+        "mirror_batch": session.mirror_batch,
     }
     if session.act_bits:
         _add_activations(out, session, allocation)

@@ -16,7 +16,7 @@ which is all the ILP needs to price BOPs and latency per (weight width, activati
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from onnx import TensorProto
@@ -179,20 +179,9 @@ def resolve_act_pins(units: Sequence[ActUnit], pins: Iterable[tuple[str, int]],
         index.setdefault(unit.name, j)
         for tensor in unit.tensors:
             index.setdefault(tensor, j)
-    out: dict[int, int] = {}
-    for name, bits in pins:
-        if name not in index:
-            raise PinError(f"--pin-act {name}={bits}: no activation quantizer feeding a "
-                           f"weighted layer reads '{name}'")
-        if bits not in candidate_bits:
-            raise PinError(f"--pin-act {name}={bits}: {bits} is not among the candidate "
-                           f"activation bits {list(candidate_bits)}")
-        j = index[name]
-        if out.get(j, bits) != bits:
-            raise PinError(f"--pin-act {name}={bits} conflicts with {out[j]} bits pinned on "
-                           f"the same quantizer ({units[j].name})")
-        out[j] = bits
-    return out
+    return _apply_pins("--pin-act", pins, index, candidate_bits,
+                       "candidate activation bits", lambda j: f"quantizer ({units[j].name})",
+                       "no activation quantizer feeding a weighted layer reads")
 
 
 def _numel(view: GraphView, name: str) -> int:
@@ -249,18 +238,27 @@ def resolve_pins(choices: Sequence[LayerChoice], view: GraphView,
     """Named pins -> ``{unit index: bits}``; conflicting pins on one unit are an error."""
     items = pins.items() if isinstance(pins, Mapping) else pins
     index = choice_index(choices, view, placement)
+    return _apply_pins("--pin", items, index, candidate_bits, "candidate bits",
+                       lambda unit: f"tied group ({choices[unit].label})",
+                       "no quantizable weight or layer named")
+
+
+def _apply_pins(flag: str, pins: Iterable[tuple[str, int]], index: Mapping[str, int],
+                candidate_bits: Sequence[int], bits_name: str,
+                describe: Callable[[int], str], unknown: str) -> dict[int, int]:
+    """Named pins -> ``{unit index: bits}``, shared by weight and activation pins so both
+    refuse unknown names, non-candidate widths and conflicting pins the same way."""
     out: dict[int, int] = {}
-    for name, bits in items:
+    for name, bits in pins:
         if name not in index:
-            raise PinError(f"--pin {name}={bits}: no quantizable weight or layer named "
-                           f"'{name}'")
+            raise PinError(f"{flag} {name}={bits}: {unknown} '{name}'")
         if bits not in candidate_bits:
-            raise PinError(f"--pin {name}={bits}: {bits} is not among the candidate bits "
+            raise PinError(f"{flag} {name}={bits}: {bits} is not among the {bits_name} "
                            f"{list(candidate_bits)}")
         unit = index[name]
         if out.get(unit, bits) != bits:
-            raise PinError(f"--pin {name}={bits} conflicts with {out[unit]} bits pinned on "
-                           f"the same tied group ({choices[unit].label})")
+            raise PinError(f"{flag} {name}={bits} conflicts with {out[unit]} bits pinned on "
+                           f"the same {describe(unit)}")
         out[unit] = bits
     return out
 
