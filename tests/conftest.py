@@ -22,3 +22,11 @@ torch.set_num_threads(1)
 def _deterministic() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def write_head(src: Path, dest: Path, count: int) -> Path:
+    """The first ``count`` samples of every array of ``src`` (labels included) as ``dest``:
+    small calibration/evaluation files that keep CLI tests fast."""
+    with np.load(src) as arrays:
+        np.savez(dest, **{k: arrays[k][:count] for k in arrays.files})
+    return dest

@@ -24,7 +24,7 @@ from hawq_onnx.mixed.problem import LayerChoice
 from hawq_onnx.mixed.ties import LayerLink, PinError, activation_units, layer_choices
 from hawq_onnx.quant.activations import ActQParams
 from hawq_onnx.quantize import QuantizeOptions, Quantizer
-from tests.conftest import MODELS
+from tests.conftest import MODELS, write_head
 from tests.op_harness import IR_FOR_OPSET
 
 FASHION = MODELS / "fashion_cnn_op17.onnx"
@@ -403,10 +403,8 @@ def test_accuracy_target_along_the_joint_bops_frontier(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("mixed_acts")
-    for src, name, n in ((CALIB, "calib.npz", 160), (EVAL, "eval.npz", 400)):
-        with np.load(src) as arrays:
-            np.savez(folder / name, **{k: arrays[k][:n] for k in arrays.files})
-    return {"calib": folder / "calib.npz", "eval": folder / "eval.npz", "dir": folder}
+    return {"calib": write_head(CALIB, folder / "calib.npz", 160),
+            "eval": write_head(EVAL, folder / "eval.npz", 400), "dir": folder}
 
 
 _SMALL = ["--analysis-samples", "96", "--holdout-samples", "64", "--max-probes", "16",

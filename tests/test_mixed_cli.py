@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 from hawq_onnx.cli import main
 from hawq_onnx.commands.quantize import _bops, _latency, _size
-from tests.conftest import MODELS
+from tests.conftest import MODELS, write_head
 
 FASHION = MODELS / "fashion_cnn_op17.onnx"
 CALIB = MODELS / "fashion_calib.npz"
@@ -24,11 +23,8 @@ BITS = ("2", "3", "4", "6", "8")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("mixed_cli")
-    for src, name, n in ((CALIB, "calib.npz", 160), (EVAL, "eval.npz", 300)):
-        with np.load(src) as arrays:
-            np.savez(folder / name, **{k: arrays[k][:n] for k in arrays.files})
-    return {"calib": folder / "calib.npz", "eval": folder / "eval.npz",
-            "cache": folder / "cache"}
+    return {"calib": write_head(CALIB, folder / "calib.npz", 160),
+            "eval": write_head(EVAL, folder / "eval.npz", 300), "cache": folder / "cache"}
 
 
 def _run(data: dict[str, Path], out: Path, *args: str, fast: bool = True) -> int:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hawq_onnx.mixed.interactions import LossModel
 from hawq_onnx.mixed.pipeline import MixedOptions, MixedSession, mixed_report
 from hawq_onnx.quantize import QuantizeOptions
-from tests.conftest import MODELS
+from tests.conftest import MODELS, write_head
 
 FASHION = MODELS / "fashion_cnn_op17.onnx"
 
@@ -24,11 +23,10 @@ FASHION = MODELS / "fashion_cnn_op17.onnx"
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> MixedSession:
     folder = tmp_path_factory.mktemp("guard")
-    with np.load(MODELS / "fashion_calib.npz") as arrays:
-        np.savez(folder / "calib.npz", **{k: arrays[k][:160] for k in arrays.files})
+    calib = write_head(MODELS / "fashion_calib.npz", folder / "calib.npz", 160)
     mixed = MixedOptions(avg_weight_bits=3.0, interactions="measured", analysis_samples=96,
                          holdout_samples=64, max_probes=16, eval_configs=0, use_cache=False)
-    session = MixedSession(FASHION, folder / "calib.npz", QuantizeOptions(), mixed)
+    session = MixedSession(FASHION, calib, QuantizeOptions(), mixed)
     session.correct()
     return session
 
