@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from hawq_onnx.mixed.interactions import LossModel
-from hawq_onnx.mixed.pipeline import MixedOptions, MixedSession, mixed_report
+from hawq_onnx.mixed.pipeline import MixedOptions, MixedSession
+from hawq_onnx.mixed.report import mixed_report
 from hawq_onnx.quantize import QuantizeOptions
 from tests.conftest import MODELS, write_head
 

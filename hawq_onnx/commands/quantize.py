@@ -381,7 +381,8 @@ def mixed_summary_lines(mixed: dict[str, Any]) -> list[str]:
 def run_mixed(args: argparse.Namespace) -> int:
     """Mixed-precision quantization; 1 when an accuracy target is missed (model written)."""
     from hawq_onnx.errors import GateFailedError, HawqError
-    from hawq_onnx.mixed.pipeline import quantize_mixed, write_pareto_plot
+    from hawq_onnx.mixed.pipeline import quantize_mixed
+    from hawq_onnx.mixed.report import write_pareto_plot
 
     if args.calib is None:
         raise HawqError("mixed precision needs --calib (the Hessian analysis runs on it)")
