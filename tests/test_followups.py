@@ -70,6 +70,25 @@ def test_cli_outputs_get_ordinary_permissions(tmp_path: Path, umask: None,
         "analysis.json", "calib.npz", "mlp.onnx", "q.onnx", "r.html", "r.json"]
 
 
+def test_cache_entries_are_written_whole_with_ordinary_permissions(tmp_path: Path,
+                                                                 umask: None) -> None:
+    """Analysis and latency cache entries go through the same atomic writer as outputs:
+    complete files, 0o666 & ~umask, no temporary files left in the cache."""
+    from hawq_onnx.mixed.costs import LatencyCache
+
+    model, calib = save_mlp(tmp_path / "mlp.onnx"), save_data(tmp_path / "calib.npz")
+    cache = tmp_path / "cache"
+    assert main(["analyze", str(model), "--calib", str(calib), "--cache-dir", str(cache),
+                 "--min-probes", "2", "--max-probes", "2"]) == 0
+    LatencyCache(cache).put("k", {"ms": [1.5, 2.0]})
+    entries = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert [p.parent.name for p in entries] == ["analysis", "latency"]
+    assert all(not p.name.startswith(".") and p.suffix == ".json" for p in entries)
+    assert [_mode(p) for p in entries] == [0o644, 0o644]
+    assert LatencyCache(cache).get("k") == {"ms": [1.5, 2.0]}
+    assert json.loads(entries[0].read_text())["probes"] == 2
+
+
 def test_external_data_files_get_ordinary_permissions(tmp_path: Path, umask: None) -> None:
     path = save_model(mlp_model(), tmp_path / "ext.onnx", external_data=True,
                       external_data_threshold=256)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import numpy as np
 
 from hawq_onnx import __version__
 from hawq_onnx.hessian.result import SCHEMA_VERSION, AnalysisResult
+from hawq_onnx.model_io import write_atomic
 
 if TYPE_CHECKING:
     from hawq_onnx.data import Dataset
@@ -126,17 +126,9 @@ class ResultCache:
         return result
 
     def put(self, key: str, result: AnalysisResult) -> Path:
-        """Write atomically; returns the entry's path."""
+        """Write atomically (the project's one writer: fsync, rename, ordinary file mode);
+        returns the entry's path. Concurrent builds writing one key each rename a complete
+        file, so a reader sees one of them whole."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(result.to_json())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        return target
+        return write_atomic(target, result.to_json())

@@ -52,7 +52,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,7 +69,7 @@ from hawq_onnx.hessian.cache import default_cache_dir
 from hawq_onnx.mixed.problem import LayerChoice
 from hawq_onnx.mixed.sensitivity import weight_spec_at
 from hawq_onnx.mixed.ties import LayerLink
-from hawq_onnx.model_io import required_ir_version
+from hawq_onnx.model_io import required_ir_version, write_atomic
 from hawq_onnx.quant.containers import container_bits, int2_fuses_safely
 from hawq_onnx.quant.plan import ActSpec, WeightSpec
 from hawq_onnx.quantize import Quantizer, needed_opset
@@ -209,10 +208,7 @@ class LatencyCache:
 
     def put(self, key: str, entry: Mapping[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(entry, handle, sort_keys=True)
-        os.replace(tmp, self.directory / f"{key}.json")
+        write_atomic(self.directory / f"{key}.json", json.dumps(entry, sort_keys=True))
 
 
 # ------------------------------------------------------------------- one-layer models
