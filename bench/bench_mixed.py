@@ -114,36 +114,13 @@ def measure(session: Any, allocation: Any, eval_path: Path, folder: Path) -> dic
 def ort_static(model: Path, calib: Path, eval_path: Path, folder: Path, int4: bool
                ) -> dict[str, Any]:
     """onnxruntime's own static quantizer, same calibration data."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    from hawq_onnx.data import load_npz
-    from hawq_onnx.importer import load_model
+    from bench.ort_baseline import quantize_static_like_hawq
     from hawq_onnx.validate import evaluate
-
-    dataset = load_npz(calib, load_model(model).model)
-    inputs = {i.name for i in ort.InferenceSession(
-        str(model), providers=["CPUExecutionProvider"]).get_inputs()}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(dataset.batches(32))
-
-        def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {k: v for k, v in batch.items() if k in inputs}
 
     out = folder / f"ort_{'int4' if int4 else 'int8'}.onnx"
     start = time.perf_counter()
     try:
-        quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt4 if int4 else QuantType.QInt8)
+        quantize_static_like_hawq(model, calib, out, int4=int4)
         metrics = evaluate(model, out, eval_path, latency_runs=0)
     except Exception as exc:  # report what onnxruntime's quantizer could not do
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}

@@ -55,32 +55,9 @@ def _run_ours(model: Path, calib: Path, out: Path) -> None:
 
 
 def _run_ort(model: Path, calib: Path, out: Path) -> None:
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from bench.ort_baseline import quantize_static_like_hawq
 
-    from hawq_onnx.data import load_npz
-    from hawq_onnx.importer import load_model
-
-    dataset = load_npz(calib, load_model(model).model)
-    inputs = {i.name for i in ort.InferenceSession(
-        str(model), providers=["CPUExecutionProvider"]).get_inputs()}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(dataset.batches(32))
-
-        def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {k: v for k, v in batch.items() if k in inputs}
-
-    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    quantize_static_like_hawq(model, calib, out)
 
 
 def one_run(tool: str, model: Path, calib: Path, out: Path) -> dict[str, float]:

@@ -347,7 +347,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
     return dest
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (symlinks, hard links, ``..``), for refusing to
+    overwrite an input."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     try:
@@ -357,7 +359,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_destination(dest: Path, source: str | os.PathLike[str] | None) -> None:
-    if source is not None and _same_file(dest, Path(source)):
+    if source is not None and same_file(dest, Path(source)):
         raise HawqError(f"refusing to overwrite the input model {source}; choose another output")
     if dest.is_dir():
         raise HawqError(f"cannot write the model to {dest}: it is a directory")
@@ -437,7 +439,7 @@ def save_model(
                                    output_mode(dest)), dest)])
         return dest
     data_path = dest.with_name(dest.name + ".data")
-    if source is not None and _same_file(data_path, Path(source)):
+    if source is not None and same_file(data_path, Path(source)):
         raise HawqError(f"refusing to overwrite the input model {source}; choose another output")
     with detached_payloads(model, external_data_threshold) as payloads:
         skeleton = copy_model(model)

@@ -10,10 +10,10 @@ other outputs, and must sit in an existing directory. Each failure is one line, 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from hawq_onnx.errors import HawqError
+from hawq_onnx.model_io import same_file
 from hawq_onnx.recipe import INPUT_DESTS
 
 #: destinations of files a command writes.
@@ -24,15 +24,6 @@ _PROTECTED = (*INPUT_DESTS, "config")
 
 def _flag(dest: str) -> str:
     return "-o/--output" if dest == "output" else "--" + dest.replace("_", "-")
-
-
-def _same(a: Path, b: Path) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _paths(args: argparse.Namespace, dests: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -46,11 +37,11 @@ def check_paths(args: argparse.Namespace) -> None:
     outputs = _paths(args, OUTPUT_DESTS)
     for index, (dest, path) in enumerate(outputs):
         for source, original in inputs:
-            if _same(path, original):
+            if same_file(path, original):
                 raise HawqError(f"refusing to overwrite the input {original} ({_flag(source)}) "
                                 f"with {_flag(dest)}; choose another path")
         for other, other_path in outputs[:index]:
-            if _same(path, other_path):
+            if same_file(path, other_path):
                 raise HawqError(f"{_flag(other)} and {_flag(dest)} are the same file "
                                 f"{path}; choose different paths")
         parent = path.parent if str(path.parent) else Path(".")

@@ -29,7 +29,8 @@ add up to a predicted ΔL.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -41,7 +42,7 @@ from hawq_onnx.graph import GraphView
 from hawq_onnx.hessian.blocks import BlockVector
 from hawq_onnx.hessian.hvp import HessianVectorProduct
 from hawq_onnx.hessian.objective import Objective
-from hawq_onnx.mirror.module import Mirror
+from hawq_onnx.mirror.module import Hook, Mirror
 from hawq_onnx.mixed.problem import LayerChoice
 from hawq_onnx.mixed.sensitivity import weight_spec_at
 from hawq_onnx.quant.activations import ActQParams
@@ -165,6 +166,26 @@ class LossMeter:
         self.forwards = 0
         self.base = self._loss()
 
+    @contextmanager
+    def _applied(self, substitution: BlockVector,
+                 hooks: Sequence[tuple[str, Hook]]
+                 ) -> Iterator[None]:
+        """Weights replaced and hooks installed for the duration; both undone even when the
+        forward pass raises, so one measurement never leaks into the next."""
+        saved = {b: self.params[b].detach().clone() for b in substitution}
+        handles = [self.objective.mirror.add_hook(name, hook) for name, hook in hooks]
+        try:
+            with torch.no_grad():
+                for b, value in substitution.items():
+                    self.params[b].copy_(value)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            with torch.no_grad():
+                for b, value in saved.items():
+                    self.params[b].copy_(value)
+
     def _loss(self) -> float:
         total = 0.0
         with torch.no_grad():
@@ -177,23 +198,10 @@ class LossMeter:
               activations: ActHooks | None = None) -> float:
         """ΔL with ``{block: value}`` in place of the float weights, ``shifts`` removed
         from layer outputs and ``activations`` fake-quantized (all undone afterwards)."""
-        saved = {b: self.params[b].detach().clone() for b in substitution}
-        mirror = self.objective.mirror
-        handles = [mirror.add_hook(name, _subtract(axis, shift))
-                   for name, (axis, shift) in (shifts or {}).items()]
-        handles += [mirror.add_hook(name, fake_quantize_hook(qp))
-                    for name, qp in (activations or {}).items()]
-        try:
-            with torch.no_grad():
-                for b, value in substitution.items():
-                    self.params[b].copy_(value)
+        hooks = [(name, _subtract(axis, shift)) for name, (axis, shift) in (shifts or {}).items()]
+        hooks += [(name, fake_quantize_hook(qp)) for name, qp in (activations or {}).items()]
+        with self._applied(substitution, hooks):
             return self._loss() - self.base
-        finally:
-            for handle in handles:
-                handle.remove()
-            with torch.no_grad():
-                for b, value in saved.items():
-                    self.params[b].copy_(value)
 
     def channel_means(self, outputs: Mapping[str, int], substitution: BlockVector | None = None
                       ) -> dict[str, torch.Tensor]:
@@ -208,21 +216,11 @@ class LossMeter:
             counts[name] = counts.get(name, 0) + moved.shape[1]
 
         mirror = self.objective.mirror
-        saved = {b: self.params[b].detach().clone() for b in (substitution or {})}
-        handles = [mirror.add_hook(name, capture) for name in outputs]
-        try:
-            with torch.no_grad():
-                for b, value in (substitution or {}).items():
-                    self.params[b].copy_(value)
-                for batch in self.objective.batches:
-                    mirror(**self.objective.feeds(batch))
-            self.forwards += 1
-        finally:
-            for handle in handles:
-                handle.remove()
-            with torch.no_grad():
-                for b, value in saved.items():
-                    self.params[b].copy_(value)
+        with self._applied(substitution or {}, [(name, capture) for name in outputs]), \
+                torch.no_grad():
+            for batch in self.objective.batches:
+                mirror(**self.objective.feeds(batch))
+        self.forwards += 1
         return {name: sums[name] / counts[name] for name in sums}
 
 
