@@ -182,7 +182,7 @@ def _layer_rows(quantizer: Quantizer, plan: QuantPlan, built: BuildResult
         if record is not None:
             row.update(container_bits=record.container_bits, granularity=record.granularity,
                        axis=record.axis, group_size=record.group_size,
-                       bias=built.record.biases.get(layer.node))
+                       rounding=record.rounding, bias=built.record.biases.get(layer.node))
         else:
             row["float_reason"] = quantizer.placement.float_nodes.get(layer.node) or (
                 built.record.skipped_weights.get(layer.weight)

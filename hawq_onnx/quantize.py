@@ -25,6 +25,7 @@ from onnx import version_converter
 
 from hawq_onnx.calibration import CalibrationStats, collect_statistics, select_range
 from hawq_onnx.calibration.bias_correction import correct_biases
+from hawq_onnx.calibration.input_gram import InputGrams, collect_input_grams
 from hawq_onnx.calibration.session import make_session, session_options
 from hawq_onnx.data import Dataset, load_npz
 from hawq_onnx.errors import HawqError, InvalidModelError
@@ -104,6 +105,10 @@ class Quantizer:
         self.stats: CalibrationStats | None = None
         self.dataset: Dataset | None = None
         self.batch_size = 32
+        #: calibration samples behind the input moments of error-feedback rounding.
+        self.moment_samples = 256
+        self._moments: InputGrams | None = None
+        self._refined: dict[tuple[str, WeightSpec, bytes], QuantizedWeight | None] = {}
 
     def _upgrade(self, model: onnx.ModelProto, target: int | None) -> onnx.ModelProto:
         if target is None or (default_opset(model) or 13) >= target:
@@ -177,6 +182,29 @@ class Quantizer:
         return params
 
     # ------------------------------------------------------------------ weights
+    def input_grams(self, plan: QuantPlan) -> dict[str, np.ndarray]:
+        """Each layer's input second moments, collected once, if ``plan`` asks for
+        error-feedback rounding anywhere (else nothing: plain rounding needs no data)."""
+        if not any(spec.error_feedback for spec in plan.weights.values()):
+            return {}
+        if self.dataset is None:
+            if any(spec.method == "gptq" for spec in plan.weights.values()):
+                raise HawqError("GPTQ rounding needs calibration data (--calib)")
+            note = ("no calibration data: weights at <= 4 bits are rounded to nearest "
+                    "(GPTQ rounding needs --calib)")
+            if note not in self.notes:
+                self.notes.append(note)
+            return {}
+        if self._moments is None:
+            self._moments = collect_input_grams(self.model, self.placement.layers,
+                                                self.dataset, batch_size=self.batch_size,
+                                                max_samples=self.moment_samples)
+            if self._moments.skipped:
+                reasons = sorted(set(self._moments.skipped.values()))
+                self.notes.append(f"GPTQ rounding: {len(self._moments.skipped)} weight(s) "
+                                  f"rounded to nearest instead ({'; '.join(reasons)})")
+        return self._moments.grams
+
     def quantized_weight(self, name: str, spec: WeightSpec,
                          params: Mapping[str, ActQParams] | None = None) -> QuantizedWeight:
         """Weight ``name`` exactly as :meth:`build` would store it at ``spec`` (same layout,
@@ -188,7 +216,8 @@ class Quantizer:
         tensor = self.view.initializers[name]
         array = onnx.numpy_helper.to_array(tensor).astype(np.float32)
         plan = QuantPlan({name: spec}, {})
-        inserter = InsertQDQ(self.placement, plan, params or {}, max_opset=self.opset)
+        inserter = InsertQDQ(self.placement, plan, params or {}, max_opset=self.opset,
+                             input_grams=self.input_grams(plan), refined=self._refined)
         return inserter.quantize_array(self.view, layers, array, spec, params or {})
 
     # ------------------------------------------------------------------ build
@@ -201,7 +230,8 @@ class Quantizer:
         """
         plan = self._fit_opset(plan)
         params = self.activation_params(plan) if params is None else params
-        inserter = InsertQDQ(self.placement, plan, params, max_opset=self.opset)
+        inserter = InsertQDQ(self.placement, plan, params, max_opset=self.opset,
+                             input_grams=self.input_grams(plan), refined=self._refined)
         source, notes = self.model, list(self.notes)
         if bias_correction and self.dataset is not None and plan.weights:
             layers = [layer for layer in self.placement.layers if layer.weight in plan.weights]
@@ -296,6 +326,8 @@ def quantize(model_path: str | os.PathLike[str], output_path: str | os.PathLike[
             quantizer.dataset, quantizer.batch_size = dataset, options.batch_size
         timings["calibrate_s"] = time.perf_counter() - step
     step = time.perf_counter()
+    if options.max_calib_samples is not None:
+        quantizer.moment_samples = min(quantizer.moment_samples, options.max_calib_samples)
     built = quantizer.build(plan, bias_correction=options.bias_correction,
                             correction_samples=min(256, options.max_calib_samples or 256))
     timings["quantize_s"] = time.perf_counter() - step

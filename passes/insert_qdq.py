@@ -13,6 +13,10 @@ Given a :class:`~hawq_onnx.passes.qdq_placement.Placement`, a
   takes the tensor's name (the producer's output is renamed), so all consumers, including
   graph outputs and subgraphs reading it, see the same dequantized values.
 
+Weights whose spec asks for error feedback (``--rounding gptq``) and whose layer's input
+second moments were supplied are re-rounded by :func:`hawq_onnx.quant.gptq.refine_rounding`
+(same scales, different integers).
+
 The input model is not modified. :attr:`InsertQDQ.record` describes what was done per weight
 and per activation, for reports.
 """
@@ -40,6 +44,7 @@ from hawq_onnx.quant.containers import (
     make_int_tensor,
     required_opset,
 )
+from hawq_onnx.quant.gptq import refine_rounding
 from hawq_onnx.quant.layout import weight_layout
 from hawq_onnx.quant.plan import QuantPlan, WeightSpec
 from hawq_onnx.quant.weights import (
@@ -69,6 +74,7 @@ class WeightRecord:
     group_size: int | None
     bytes_float: int
     bytes_quant: int
+    rounding: str = "nearest"  # or error_feedback (GPTQ through the input moments)
 
 
 @dataclass
@@ -79,6 +85,7 @@ class QDQRecord:
     activations: dict[str, ActQParams] = field(default_factory=dict)
     biases: dict[str, str] = field(default_factory=dict)  # node -> int32 | float (why)
     skipped_weights: dict[str, str] = field(default_factory=dict)
+    error_feedback: set[str] = field(default_factory=set)  # weights GPTQ re-rounded
     opset_needed: int = 13
 
 
@@ -119,11 +126,19 @@ class InsertQDQ:
     """The pass: ``model -> (model, PassReport)``; see the module docstring."""
 
     def __init__(self, placement: Placement, plan: QuantPlan,
-                 act_params: Mapping[str, ActQParams], *, max_opset: int) -> None:
+                 act_params: Mapping[str, ActQParams], *, max_opset: int,
+                 input_grams: Mapping[str, np.ndarray] | None = None,
+                 refined: dict[tuple[str, WeightSpec, bytes], QuantizedWeight | None]
+                 | None = None
+                 ) -> None:
         self.placement = placement
         self.plan = plan
         self.act_params = dict(act_params)
         self.max_opset = max_opset
+        self.input_grams = dict(input_grams or {})
+        #: error-feedback results by (weight, spec, scales): the weights do not change
+        #: between the many builds of bias correction and mixed-precision search.
+        self.refined = refined if refined is not None else {}
         self.record = QDQRecord()
 
     # ------------------------------------------------------------------ entry
@@ -284,7 +299,19 @@ class InsertQDQ:
         channels = array.shape[layout.channel_axes[0]] if layout.channel_axes else 0
         floor = self._bias_floor(view, layers, WeightLayout(layout.channel_axes[:1]), params,
                                  channels) if channels else None
-        return quantize_weight(array, spec, layout, floor)
+        quantized = quantize_weight(array, spec, layout, floor)
+        gram = self.input_grams.get(layers[0].weight or "") if spec.error_feedback else None
+        out_axis = layers[0].weight_axis_out
+        if gram is None or out_axis is None or len(layers) != 1:
+            return quantized
+        key = (layers[0].weight or "", spec, np.asarray(quantized.scale).tobytes())
+        if key not in self.refined:
+            refined = refine_rounding(array, quantized, out_axis, gram)
+            self.refined[key] = refined if refined is not quantized else None
+        if self.refined[key] is None:  # error feedback did not help this weight
+            return quantized
+        self.record.error_feedback.add(layers[0].weight or "")
+        return self.refined[key]
 
     def _container(self, bits: int, layers: list[QuantizableLayer],
                    params: Mapping[str, ActQParams], report: PassReport) -> int:
@@ -350,6 +377,7 @@ class InsertQDQ:
             params=int(array.size), bits=qw.bits, container_bits=width,
             granularity=qw.granularity, axis=qw.axis, group_size=qw.block_size,
             bytes_float=int(array.size) * 4,
+            rounding="error_feedback" if weight in self.record.error_feedback else "nearest",
             bytes_quant=-(-int(array.size) * width // 8) + scale_count * 4
             + -(-scale_count * width // 8))
 

@@ -100,7 +100,9 @@ def test_mse_search_beats_round_to_nearest_at_low_bits() -> None:
         err_mse = np.square(mse.dequantize() - weight).sum()
         assert err_mse < 0.8 * err_rtn, bits
         assert np.all(mse.scale <= rtn.scale * (1 + 1e-6))  # it clips, never widens
-    assert WeightSpec(4).rounding == "mse" and WeightSpec(5).rounding == "rtn"
+    assert WeightSpec(4).rounding == "gptq" and WeightSpec(5).rounding == "rtn"
+    assert WeightSpec(4).scale_search == "mse" and WeightSpec(5).scale_search == "rtn"
+    assert WeightSpec(4).error_feedback and not WeightSpec(4, method="mse").error_feedback
 
 
 def test_fake_quantize_is_what_dequantize_linear_computes() -> None:

@@ -69,9 +69,12 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=_group_size, metavar="N",
                         help="group-wise weight scales, N elements along the reduction axis "
                              "(MatMul/Gemm; others per channel)")
-    parser.add_argument("--rounding", choices=("rtn", "mse"),
-                        help="weight scale: rtn (max) or mse search (default: mse at <= 4 "
-                             "bits, rtn above)")
+    parser.add_argument("--rounding", choices=("rtn", "mse", "gptq"),
+                        help="rtn: max scale, nearest rounding; mse: searched scale, nearest "
+                             "rounding; gptq: searched scale at <= 4 bits, integers rounded "
+                             "with error feedback through each layer's input moments (needs "
+                             "--calib). Default: gptq at <= 4 bits (mse without --calib), "
+                             "rtn above")
     parser.add_argument("--format", choices=("qdq", "qoperator"), default="qdq",
                         help="qdq (default) or qoperator (QLinearConv/QGemm/...; int8 groups)")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Granularity = Literal["per_channel", "per_tensor", "group"]
-RoundMethod = Literal["rtn", "mse"]
+RoundMethod = Literal["rtn", "mse", "gptq"]
+ScaleSearch = Literal["rtn", "mse"]
 CalibMethod = Literal["minmax", "percentile", "entropy", "mse"]
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -25,7 +26,8 @@ CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "percentile", "entropy", "ms
 #: MSE-optimal ranges: never worse per tensor than min/max, and on the zoo models the most
 #: accurate end to end (min/max wastes levels on rare extremes of depthwise/HardSwish nets).
 DEFAULT_CALIB_METHOD: CalibMethod = "mse"
-#: at or below this width the MSE-optimal scale search is the default (RTN above).
+#: at or below this width the MSE-optimal scale search and GPTQ rounding are the default
+#: (round-to-nearest of the max above: at 5+ bits neither changes the result measurably).
 MSE_SEARCH_MAX_BITS = 4
 
 
@@ -35,8 +37,10 @@ class WeightSpec:
 
     ``group_size`` applies to ``granularity == "group"`` only: blocks of that many elements
     along the reduction axis share one scale (MatMul/Gemm); other ops fall back to
-    per-channel. ``method`` None means "MSE search at <= 4 bits, round-to-nearest of the
-    max above".
+    per-channel. ``method`` None means "MSE-searched scales and GPTQ error-feedback rounding
+    at <= 4 bits (nearest rounding where no calibration data is given), round-to-nearest of
+    the max above"; ``gptq`` asks for error feedback at any width and insists on data (see
+    ``quant/gptq.py``).
     """
 
     bits: int = 8
@@ -51,14 +55,26 @@ class WeightSpec:
             raise ValueError(f"unknown weight granularity '{self.granularity}'")
         if self.granularity == "group" and (self.group_size is None or self.group_size < 2):
             raise ValueError("group-wise quantization needs a group size >= 2")
-        if self.method not in (None, "rtn", "mse"):
+        if self.method not in (None, "rtn", "mse", "gptq"):
             raise ValueError(f"unknown rounding method '{self.method}'")
 
     @property
     def rounding(self) -> RoundMethod:
         if self.method is not None:
             return self.method
+        return "gptq" if self.bits <= MSE_SEARCH_MAX_BITS else "rtn"
+
+    @property
+    def scale_search(self) -> ScaleSearch:
+        """How the scale is chosen: ``mse`` search or the max (``rtn``)."""
+        if self.method in ("rtn", "mse"):
+            return self.method
         return "mse" if self.bits <= MSE_SEARCH_MAX_BITS else "rtn"
+
+    @property
+    def error_feedback(self) -> bool:
+        """Round with GPTQ error feedback (where the layer's input moments are known)."""
+        return self.rounding == "gptq"
 
 
 @dataclass(frozen=True)
@@ -131,4 +147,4 @@ def uniform_plan(weights: Iterable[str], activations: Iterable[str], *,
 
 __all__ = ["ACT_BITS", "CALIB_METHODS", "DEFAULT_CALIB_METHOD", "MSE_SEARCH_MAX_BITS",
            "WEIGHT_BITS", "ActSpec", "CalibMethod", "Granularity", "QuantPlan", "RoundMethod",
-           "WeightSpec", "uniform_plan"]
+           "ScaleSearch", "WeightSpec", "uniform_plan"]

@@ -136,7 +136,7 @@ def _per_channel(weight: np.ndarray, axis: int, spec: WeightSpec,
                  min_scale: np.ndarray | None) -> QuantizedWeight:
     moved = np.moveaxis(weight, axis, 0)
     rows = moved.reshape(moved.shape[0], -1)
-    values, scale = quantize_rows(rows, spec.bits, spec.rounding, min_scale)
+    values, scale = quantize_rows(rows, spec.bits, spec.scale_search, min_scale)
     values = np.moveaxis(values.reshape(moved.shape), 0, axis)
     return QuantizedWeight(values, scale, spec.bits, axis=axis)
 
@@ -144,7 +144,7 @@ def _per_channel(weight: np.ndarray, axis: int, spec: WeightSpec,
 def _per_tensor(weight: np.ndarray, spec: WeightSpec,
                 min_scale: np.ndarray | None) -> QuantizedWeight:
     floor = None if min_scale is None else np.asarray([np.max(min_scale)])
-    values, scale = quantize_rows(weight.reshape(1, -1), spec.bits, spec.rounding, floor)
+    values, scale = quantize_rows(weight.reshape(1, -1), spec.bits, spec.scale_search, floor)
     return QuantizedWeight(values.reshape(weight.shape), scale.reshape(()), spec.bits)
 
 
@@ -154,7 +154,7 @@ def _blocked(weight: np.ndarray, axis: int, block: int, spec: WeightSpec) -> Qua
     blocks = math.ceil(length / block)
     padding = [(0, 0)] * (moved.ndim - 1) + [(0, blocks * block - length)]
     padded = np.pad(moved, padding)
-    values, scale = quantize_rows(padded.reshape(-1, block), spec.bits, spec.rounding)
+    values, scale = quantize_rows(padded.reshape(-1, block), spec.bits, spec.scale_search)
     values = values.reshape(padded.shape)[..., :length]
     scale = scale.reshape(moved.shape[:-1] + (blocks,))
     return QuantizedWeight(np.moveaxis(values, -1, axis), np.moveaxis(scale, -1, axis),
