@@ -105,8 +105,10 @@ class Quantizer:
         self.stats: CalibrationStats | None = None
         self.dataset: Dataset | None = None
         self.batch_size = 32
-        #: calibration samples behind the input moments of error-feedback rounding.
+        #: calibration samples behind the input moments of error-feedback rounding, and the
+        #: data they come from (None: the calibration data's first samples).
         self.moment_samples = 256
+        self.moment_data: Dataset | None = None
         self._moments: InputGrams | None = None
         self._refined: dict[tuple[str, WeightSpec, bytes], QuantizedWeight | None] = {}
 
@@ -197,7 +199,8 @@ class Quantizer:
             return {}
         if self._moments is None:
             self._moments = collect_input_grams(self.model, self.placement.layers,
-                                                self.dataset, batch_size=self.batch_size,
+                                                self.moment_data or self.dataset,
+                                                batch_size=self.batch_size,
                                                 max_samples=self.moment_samples)
             if self._moments.skipped:
                 reasons = sorted(set(self._moments.skipped.values()))

@@ -269,3 +269,29 @@ def test_grouped_convolution_gets_one_moment_matrix_per_group(tmp_path: Path,
         assert output_error(matrix, refined.dequantize()[part].reshape(per_group, -1),
                             gram[group]) <= output_error(
             matrix, plain.dequantize()[part].reshape(per_group, -1), gram[group]) + 1e-12
+
+
+def test_mixed_search_keeps_gptq_moments_apart_from_measured_losses() -> None:
+    """Spare calibration samples after the analysis and held-out parts feed GPTQ's input
+    moments; without spare samples the analysis part does, and the report says so."""
+    from hawq_onnx.mixed.pipeline import MixedOptions, MixedSession
+    from hawq_onnx.quantize import QuantizeOptions
+
+    calib = MODELS / "fashion_calib.npz"  # 512 samples
+    spare = MixedSession(FASHION, calib, QuantizeOptions(),
+                         MixedOptions(avg_weight_bits=4.0, analysis_samples=128,
+                                      holdout_samples=128, use_cache=False))
+    moments = spare.quantizer.moment_data
+    assert moments is not None and len(moments) == 256
+    with np.load(calib) as data:
+        np.testing.assert_array_equal(next(iter(moments.batches(256)))["input"],
+                                      data["input"][256:])
+    assert not any("GPTQ" in note for note in spare.notes)
+    full = MixedSession(FASHION, calib, QuantizeOptions(),
+                        MixedOptions(avg_weight_bits=4.0, use_cache=False))
+    assert full.quantizer.moment_data is None
+    assert any("fits its input moments on the 256 analysis samples" in note
+               for note in full.notes)
+    plain = MixedSession(FASHION, calib, QuantizeOptions(rounding="mse"),
+                         MixedOptions(avg_weight_bits=4.0, use_cache=False))
+    assert not any("GPTQ" in note for note in plain.notes)

@@ -61,6 +61,7 @@ class InputGrams:
 
     grams: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)  # rows x behind each matrix
     batches: int = 0
 
 
@@ -180,6 +181,7 @@ def collect_input_grams(model: onnx.ModelProto, layers: Sequence[QuantizableLaye
                 counts[spec.weight] = counts.get(spec.weight, 0) + rows.shape[0]
         result.batches += 1
     result.grams = {k: sums[k] / max(counts[k], 1) for k in sums}
+    result.rows = dict(counts)
     return result
 
 
