@@ -30,7 +30,7 @@ EVAL_FILES = {
 }
 OPSETS = {name: int(re.search(r"_op(\d+)\.onnx$", name).group(1)) for name in EVAL_FILES}
 CALIB_FILES = {"fashion_calib.npz": ("input", 512), "digits_calib.npz": ("input", 256),
-               "text_calib.npz": ("tokens", 512)}
+               "text_calib.npz": ("tokens", 768)}
 TRANSFORMERS = ["transformer_op17.onnx", "transformer_decomposed_ln_op17.onnx",
                 "transformer_constants_op13.onnx"]
 FLOOR_MARGIN = 0.005
