@@ -295,3 +295,19 @@ def test_mixed_search_keeps_gptq_moments_apart_from_measured_losses() -> None:
     plain = MixedSession(FASHION, calib, QuantizeOptions(rounding="mse"),
                          MixedOptions(avg_weight_bits=4.0, use_cache=False))
     assert not any("GPTQ" in note for note in plain.notes)
+
+
+def test_default_rounding_without_data_is_nearest_and_says_so(tmp_path: Path) -> None:
+    """Weight-only 4-bit without --calib: the default cannot run GPTQ; it rounds to nearest
+    (the same integers as --rounding mse) and the report says why."""
+    outputs = {}
+    for rounding in (None, "mse"):
+        out, report = tmp_path / f"{rounding}.onnx", tmp_path / f"{rounding}.json"
+        extra = ["--rounding", rounding] if rounding else []
+        assert main(["quantize", str(FASHION), "-o", str(out), "--act-bits", "none",
+                     "--weight-bits", "4", "--report", str(report), *extra]) == 0
+        outputs[rounding] = out.read_bytes()
+        data = json.loads(report.read_text())
+        assert {row["rounding"] for row in data["layers"]} == {"nearest"}
+        assert any("no calibration data" in note for note in data["notes"]) == (rounding is None)
+    assert outputs[None] == outputs["mse"]
