@@ -13,9 +13,9 @@ Given a :class:`~hawq_onnx.passes.qdq_placement.Placement`, a
   takes the tensor's name (the producer's output is renamed), so all consumers, including
   graph outputs and subgraphs reading it, see the same dequantized values.
 
-Weights whose spec asks for error feedback (``--rounding gptq``) and whose layer's input
-second moments were supplied are re-rounded by :func:`hawq_onnx.quant.gptq.refine_rounding`
-(same scales, different integers).
+Weights whose spec asks for error feedback (GPTQ: the default at <= 4 bits) and whose
+layer's input second moments were supplied are re-rounded by
+:func:`hawq_onnx.quant.gptq.refine_rounding` (same scales, different integers).
 
 The input model is not modified. :attr:`InsertQDQ.record` describes what was done per weight
 and per activation, for reports.
