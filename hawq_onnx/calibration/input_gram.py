@@ -83,8 +83,10 @@ def _unfold_for(layer: QuantizableLayer, node: onnx.NodeProto,
                 dims: Sequence[int]) -> _Unfold | str:
     """The unfolding for ``layer``, or a one-line reason why it has none."""
     weight = layer.weight or ""
+    if layer.kind == "embedding":
+        return "embedding lookups have no input rows to weigh"
     if layer.kind not in ("matmul", "gemm", "conv"):
-        return f"{layer.kind} layers have no input rows to weigh"
+        return f"no input unfolding for {layer.kind} layers yet"
     if len(node.input) < 2 or node.input[1] != weight:
         return "the weight reaches the node through another op"
     if layer.kind == "matmul":
