@@ -27,6 +27,7 @@ from hawq_onnx.calibration.collector import _with_outputs
 from hawq_onnx.calibration.session import make_session, run_session, session_options
 from hawq_onnx.data import Dataset
 from hawq_onnx.graph import GraphView, QuantizableLayer
+from hawq_onnx.mirror.module import node_attributes
 from hawq_onnx.progress import progress
 
 #: samples unfolded at a time (convolution patches are ``C·k²`` times the input).
@@ -61,22 +62,7 @@ class InputGrams:
 
     grams: dict[str, np.ndarray] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)  # rows x behind each matrix
     batches: int = 0
-
-
-def _ints(node: onnx.NodeProto, name: str, default: Sequence[int]) -> tuple[int, ...]:
-    for attr in node.attribute:
-        if attr.name == name:
-            return tuple(int(v) for v in attr.ints) if attr.ints else (int(attr.i),)
-    return tuple(default)
-
-
-def _auto_pad(node: onnx.NodeProto) -> str:
-    for attr in node.attribute:
-        if attr.name == "auto_pad":
-            return attr.s.decode()
-    return "NOTSET"
 
 
 def _unfold_for(layer: QuantizableLayer, node: onnx.NodeProto,
@@ -93,22 +79,22 @@ def _unfold_for(layer: QuantizableLayer, node: onnx.NodeProto,
         if len(dims) != 2 or layer.weight_axis_out != 1:
             return "not a 2-D right-hand MatMul weight"
         return _Unfold(weight, node.input[0], "rows")
+    attrs = node_attributes(node)
     if layer.kind == "gemm":
         if len(dims) != 2:
             return "not a 2-D Gemm weight"
-        kind = "rows_transposed" if _ints(node, "transA", (0,))[0] else "rows"
+        kind = "rows_transposed" if attrs.get("transA", 0) else "rows"
         return _Unfold(weight, node.input[0], kind)
     spatial = len(dims) - 2
     if spatial not in (1, 2):
         return f"{spatial}-D convolution"
-    if _auto_pad(node) not in ("NOTSET", "VALID"):
-        return f"auto_pad {_auto_pad(node)}"
-    kernel = tuple(dims[2:])
-    pads = _ints(node, "pads", (0,) * (2 * spatial)) if _auto_pad(node) == "NOTSET" \
-        else (0,) * (2 * spatial)
-    return _Unfold(weight, node.input[0], "conv", kernel,
-                   _ints(node, "strides", (1,) * spatial), pads,
-                   _ints(node, "dilations", (1,) * spatial), _ints(node, "group", (1,))[0])
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"auto_pad {auto_pad}"
+    pads = attrs.get("pads", [0] * 2 * spatial) if auto_pad == "NOTSET" else [0] * 2 * spatial
+    return _Unfold(weight, node.input[0], "conv", tuple(dims[2:]),
+                   tuple(attrs.get("strides", [1] * spatial)), tuple(pads),
+                   tuple(attrs.get("dilations", [1] * spatial)), int(attrs.get("group", 1)))
 
 
 def _patches(array: np.ndarray, spec: _Unfold) -> np.ndarray:
@@ -183,7 +169,6 @@ def collect_input_grams(model: onnx.ModelProto, layers: Sequence[QuantizableLaye
                 counts[spec.weight] = counts.get(spec.weight, 0) + rows.shape[0]
         result.batches += 1
     result.grams = {k: sums[k] / max(counts[k], 1) for k in sums}
-    result.rows = dict(counts)
     return result
 
 
