@@ -101,13 +101,23 @@ def test_quantized_weights_are_the_exporters(tiny: dict) -> None:
     assert norms.shape == (3, 3) and np.all(norms[:, 0] > norms[:, 2])  # 2 bits > 4 bits
 
 
-def test_cross_terms_match_the_exact_hessian(tiny: dict) -> None:
+@pytest.mark.parametrize("route", ["output_gram", "hvp"])
+def test_cross_terms_match_the_exact_hessian(tiny: dict, route: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both routes to the couplings (output-space Gram of Gauss–Newton tangents; one HVP per
+    unit and width when the Gram would not fit its budget) give the exact Hessian's."""
     objective, pert = tiny["objective"], tiny["perturbations"]
     hvp = HessianVectorProduct(objective)
     assert hvp.mode == "gauss_newton"  # equals the Hessian for KL at the float weights
     hessian = _exact_hessian(objective)
     sizes = hvp.layout.sizes
-    tables = inter.hessian_couplings(hvp, pert)
+    budget = inter.GRAM_BUDGET_BYTES if route == "output_gram" else 0
+    applied: list[int] = []
+    apply = hvp.apply
+    monkeypatch.setattr(hvp, "apply", lambda v, **kw: applied.append(len(v)) or apply(v, **kw))
+    tables = inter.hessian_couplings(hvp, pert, gram_budget_bytes=budget)
+    assert hvp.products == 9 and sum(applied) == (0 if route == "output_gram" else 9)
+    monkeypatch.undo()
     assert tables.hvps == 9 and sorted(tables.pairs) == [(0, 1), (0, 2), (1, 2)]
     for i, k in itertools.product(range(3), range(3)):
         d = _flat(pert.deltas[i][k], sizes)

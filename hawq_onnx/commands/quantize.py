@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hawq_onnx.commands.argtypes import positive_int
+from hawq_onnx.mixed.pair_pruning import MAX_ILP_PAIRS
 from hawq_onnx.model_io import write_atomic
 from hawq_onnx.quant.plan import ACT_BITS, CALIB_METHODS, DEFAULT_CALIB_METHOD, WEIGHT_BITS
 from hawq_onnx.quantize import QuantizeOptions, quantize
@@ -293,6 +294,10 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
                             "interactions, or both (default)")
     group.add_argument("--hops", type=positive_int, default=1, metavar="K",
                        help="measure interactions of layers within K hops (default 1)")
+    group.add_argument("--max-ilp-pairs", type=positive_int, default=MAX_ILP_PAIRS, metavar="N",
+                       help="pairwise loss terms the ILP takes: every measured one, then the "
+                            f"largest others up to N (default {MAX_ILP_PAIRS}); the report "
+                            "bounds what the rest could change")
     group.add_argument("--pin", action="append", type=_pin, default=[], metavar="NAME=BITS",
                        help="fix a weight's (or layer node's) width (repeatable)")
     group.add_argument("--pin-act", action="append", type=_pin, default=[],
@@ -349,7 +354,8 @@ def mixed_options_from_args(args: argparse.Namespace) -> Any:
         avg_weight_bits=args.avg_weight_bits, size_budget=args.size_budget,
         bops_budget=args.bops_budget, latency_budget=args.latency_budget,
         max_drop=args.max_drop, minimize=_MINIMIZE[args.minimize],
-        interactions=args.interactions, hops=args.hops, pins=tuple(args.pin),
+        interactions=args.interactions, hops=args.hops, max_ilp_pairs=args.max_ilp_pairs,
+        pins=tuple(args.pin),
         pin_first_last=args.pin_first_last, analysis_samples=args.analysis_samples,
         holdout_samples=args.holdout_samples, max_probes=args.max_probes,
         min_probes=min(16, args.max_probes), eval_configs=args.eval_configs,

@@ -158,28 +158,96 @@ class HessianVectorProduct:
         self, batch: MicroBatch, vectors: Sequence[BlockVector], outs: Sequence[list[int]],
     ) -> list[BlockVector]:
         needed = sorted({b for v in vectors for b in v}.union(*map(set, outs)))
-        feeds = self.objective.feeds(batch)
-        used = sorted({spec.index for spec in self.objective.losses})
         with only_requires_grad(self.mirror, [self.params[b] for b in needed]):
-            outputs = self.mirror(**feeds)  # kept for the Jᵀ products
+            outputs = self.mirror(**self.objective.feeds(batch))  # kept for the Jᵀ products
+        space = self._output_space(batch, outputs)
+        jvs = self._jvps(self._selected_outputs(batch), self._primals(needed),
+                         [self._tangents(v, needed) for v in vectors])
+        results: list[BlockVector] = []
+        for jv, out in zip(jvs, outs, strict=True):
+            h_jv = space.hessian_times(jv)
+            hv = _grad_with([outputs[i] for i in space.used], [self.params[b] for b in out],
+                            h_jv)
+            results.append({b: (h if h is not None else torch.zeros_like(self.params[b]))
+                            for b, h in zip(out, hv, strict=True)})
+        return results
+
+    # ------------------------------------------------------------------ output-space Gram
+    def gram_bytes(self, count: int) -> int:
+        """Bytes :meth:`gram` holds per micro-batch for ``count`` vectors (output tangents
+        and their products with the output Hessian)."""
+        batch = self.objective.batches.first()
+        with torch.no_grad():
+            outputs = self.mirror(**self.objective.feeds(batch))
+        used = {spec.index for spec in self.objective.losses}
+        per_vector = sum(outputs[i].numel() * outputs[i].element_size() for i in used)
+        return 2 * count * per_vector
+
+    def gram(self, vectors: Sequence[BlockVector],
+             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """``G[p, q] = v_pᵀ H v_q`` for every pair of vectors, Gauss–Newton mode only.
+
+        Why: with ``H = Σ_b w_b J_bᵀ H_out J_b`` every bilinear form is
+        ``Σ_b w_b (J_b v_p)ᵀ H_out (J_b v_q)``, so one forward-mode ``J v`` per vector and the
+        loss's small output Hessian give all pairs at once, with no backward pass through
+        the model (about 3× cheaper than one HVP per vector on a MobileNet). Memory: the
+        output tangents of one micro-batch (:meth:`gram_bytes`).
+        """
+        if self.mode != "gauss_newton":
+            raise HawqError("the output-space Gram needs the Gauss-Newton mode")
+        total = torch.zeros((len(vectors), len(vectors)), dtype=torch.float64)
+        batches = len(self.objective.batches)
+        for index, batch in enumerate(self.objective.batches):
+            with torch.no_grad():
+                outputs = self.mirror(**self.objective.feeds(batch))
+            space = self._output_space(batch, outputs)
+            jvs = self._jvps_by_support(batch, vectors)
+            flat = torch.stack([_flat(jv) for jv in jvs]).double()
+            curved = torch.stack([_flat(space.hessian_times(jv)) for jv in jvs]).double()
+            total.add_(flat @ curved.T, alpha=self.objective.weight(batch))
+            if progress is not None:
+                progress(index + 1, batches)
+        self.products += len(vectors)
+        return 0.5 * (total + total.T)
+
+    def _jvps_by_support(self, batch: MicroBatch, vectors: Sequence[BlockVector]
+                         ) -> list[Any]:
+        """``J v`` for each vector, vectors with the same blocks together: only those blocks
+        are primals, so forward mode carries no tangent upstream of them."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, vector in enumerate(vectors):
+            groups.setdefault(tuple(sorted(vector)), []).append(index)
+        selected = self._selected_outputs(batch)
+        results: list[Any] = [None] * len(vectors)
+        for support, members in groups.items():
+            tangents = [self._tangents(vectors[i], list(support)) for i in members]
+            for i, jv in zip(members, self._jvps(selected, self._primals(support), tangents),
+                             strict=True):
+                results[i] = jv
+        return results
+
+    def _output_space(self, batch: MicroBatch, outputs: Sequence[torch.Tensor]) -> _OutputSpace:
+        """The loss's gradient w.r.t. the model outputs it reads, with a graph for ``H_out``."""
+        used = sorted({spec.index for spec in self.objective.losses})
         leaves = {i: outputs[i].detach().requires_grad_(True) for i in used}
         substituted = [leaves.get(i, o) for i, o in enumerate(outputs)]
         loss = self.objective.loss(substituted, batch)
         out_grads = torch.autograd.grad(loss, [leaves[i] for i in used], create_graph=True)
-        primals = {self._paths[b]: self.params[b].detach() for b in needed}
+        return _OutputSpace(used, [leaves[i] for i in used], list(out_grads))
 
-        def selected_outputs(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _selected_outputs(self, batch: MicroBatch
+                          ) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]:
+        feeds = self.objective.feeds(batch)
+        used = sorted({spec.index for spec in self.objective.losses})
+
+        def selected(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
             result = torch.func.functional_call(self.mirror, params, kwargs=feeds)
             return tuple(result[i] for i in used)
 
-        jvs = self._jvps(selected_outputs, primals, [self._tangents(v, needed) for v in vectors])
-        results: list[BlockVector] = []
-        for jv, out in zip(jvs, outs, strict=True):
-            h_jv = _grad_with(out_grads, [leaves[i] for i in used], jv)
-            hv = _grad_with([outputs[i] for i in used], [self.params[b] for b in out], h_jv)
-            results.append({b: (h if h is not None else torch.zeros_like(self.params[b]))
-                            for b, h in zip(out, hv, strict=True)})
-        return results
+        return selected
+
+    def _primals(self, needed: Sequence[int]) -> dict[str, torch.Tensor]:
+        return {self._paths[b]: self.params[b].detach() for b in needed}
 
     # ------------------------------------------------------------------ torch.func helpers
     def _tangents(self, vector: BlockVector, needed: list[int]) -> dict[str, torch.Tensor]:
@@ -210,6 +278,24 @@ class HessianVectorProduct:
                         continue
                 results.extend(one(t) for t in group)
         return results
+
+
+class _OutputSpace:
+    """The loss's output gradient of one micro-batch, kept differentiable: ``H_out u`` for
+    any output tangent ``u`` is one small backward through the loss alone."""
+
+    def __init__(self, used: list[int], leaves: list[torch.Tensor],
+                 out_grads: list[torch.Tensor]) -> None:
+        self.used, self._leaves, self._out_grads = used, leaves, out_grads
+
+    def hessian_times(self, tangent: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        products = _grad_with(self._out_grads, self._leaves, tangent)
+        return [torch.zeros_like(u) if h is None else h
+                for u, h in zip(tangent, products, strict=True)]
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _unstack(batched: Any, count: int) -> list[Any]:

@@ -37,6 +37,8 @@ class MicroBatch:
     size: int
     labels: torch.Tensor | None = None
     targets: tuple[torch.Tensor | None, ...] = ()
+    #: position in the pass (the key of anything stored per micro-batch).
+    index: int = 0
 
 
 class Objective:
@@ -145,6 +147,7 @@ class MicroBatches:
         for index, feeds in enumerate(self._source):
             batch = self._micro_batch(feeds, offset)
             batch.targets = self._targets.get(index)
+            batch.index = index
             offset += batch.size
             yield batch
         if self._labels is not None and offset != len(self._labels):

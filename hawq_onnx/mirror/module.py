@@ -32,6 +32,7 @@ from onnx import numpy_helper
 from hawq_onnx.errors import UnsupportedOpError
 from hawq_onnx.mirror.dtypes import to_torch, torch_dtype
 from hawq_onnx.mirror.registry import OpContext, as_list, lookup
+from hawq_onnx.mirror.reuse import Recording, Reuse
 from hawq_onnx.mirror.static import check_static_control_flow
 from hawq_onnx.topology import node_reads, topological_order
 
@@ -220,11 +221,27 @@ class Mirror(torch.nn.Module):
         """Run the graph; inputs positionally (graph order) or by name; outputs in order."""
         feeds = dict(zip(self.input_names, args, strict=False))
         feeds.update(kwargs)
+        return self.run(feeds)
+
+    def run(self, feeds: Mapping[str, Any], *, record: Recording | None = None,
+            reuse: Reuse | None = None) -> tuple[torch.Tensor, ...]:
+        """Run the graph on ``feeds`` (by input name).
+
+        ``record`` stores every node output of this pass (a float pass: no hooks allowed);
+        ``reuse`` reads back a stored pass's outputs for each node that no changed weight and
+        no hooked tensor reaches (hooks still see the read-back values). Both are for
+        gradient-free passes: read-back tensors carry no autograd history.
+        """
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise TypeError(f"missing model inputs: {missing}")
+        if record is not None and any(self._hooks.values()):
+            raise ValueError("a recorded pass must run without hooks")
+        if (record is not None or reuse is not None) and torch.is_grad_enabled():
+            raise ValueError("recorded and reused passes run under torch.no_grad()")
         device = self._device()
         env: dict[str, Any] = {}
+        dirty: set[str] = set(reuse.changed) if reuse is not None else set()
         for name in self.input_names:
             value = feeds[name]
             if not isinstance(value, torch.Tensor):
@@ -232,15 +249,38 @@ class Mirror(torch.nn.Module):
             value = value.to(device)
             if value.is_floating_point():
                 value = value.to(self._float_target(value.dtype))
-            env[name] = self._apply_hooks(name, value)
+            env[name] = self._hooked(name, value, dirty)
         for name, key in self._keys.items():
-            env[name] = self._apply_hooks(name, self._params[key])
+            env[name] = self._hooked(name, self._params[key], dirty)
         scope = _Scope(env, self)
         for step in self._plan:
-            self._execute(step, scope, env, device)
+            if reuse is not None and self._can_reuse(step, reuse, dirty):
+                for out_name in step.node.output:
+                    if out_name:
+                        env[out_name] = self._hooked(out_name, reuse.stored[out_name], dirty)
+            else:
+                self._execute(step, scope, env, device)
+                if reuse is not None:
+                    dirty.update(step.node.output)
+            if record is not None:
+                for out_name in step.node.output:
+                    if out_name:
+                        record.keep(out_name, env[out_name])
             for name in step.release:
                 env.pop(name, None)
         return tuple(scope[name] for name in self.output_names)
+
+    @staticmethod
+    def _can_reuse(step: _Step, reuse: Reuse, dirty: set[str]) -> bool:
+        return (dirty.isdisjoint(step.reads)
+                and all(name in reuse.stored for name in step.node.output if name))
+
+    def _hooked(self, name: str, value: Any, dirty: set[str]) -> Any:
+        """The value after its hooks; a hooked tensor counts as changed for reuse."""
+        if self._hooks.get(name):
+            dirty.add(name)
+            return self._apply_hooks(name, value)
+        return value
 
     def run_numpy(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Convenience for parity checks: numpy in, numpy out, no autograd."""
@@ -275,7 +315,8 @@ class Mirror(torch.nn.Module):
             assert fn is not None  # checked at construction
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
             opset = self._opsets.get(domain, self._opsets.get("ai.onnx", 1))
-            step = _Step(node, fn, node_attributes(node), opset)
+            step = _Step(node, fn, node_attributes(node), opset,
+                         reads=frozenset(node_reads(node)))
             self._steps[id(node)] = step
         return step
 
@@ -320,6 +361,8 @@ class _Step:
     attrs: dict[str, Any]
     opset: int
     release: tuple[str, ...] = ()
+    #: every tensor the node reads (subgraph captures included).
+    reads: frozenset[str] = frozenset()
 
 
 class _Scope(Mapping[str, Any]):

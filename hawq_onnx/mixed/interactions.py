@@ -9,6 +9,9 @@ sum of what each layer does alone. Two corrections add what layers do *together*
   curvature plus its coupling to every other layer); one HVP per unit j and width b,
   ``u = H δ_j(b)``, gives the couplings ``c_ij(a, b) = δ_i(a)ᵀ u_i`` with every i at once,
   and the exact block quadratic ``δ_j(b)ᵀ H_jj δ_j(b)`` (no isotropic-trace assumption).
+  With the Gauss–Newton Hessian (KL/MSE objectives) the same tables come cheaper from one
+  forward-mode ``J δ_j(b)`` per unit and width and the loss's output Hessian
+  (:meth:`HessianVectorProduct.gram`).
 * **Measured interactions.** ``I_ij(a, b) = ΔL(i@a, j@b) − ΔL(i@a) − ΔL(j@b)`` from real
   forward passes (the autograd mirror with weights replaced by their exact quantized values)
   on calibration data, for graph neighbours only (producer → consumer and pairs within k
@@ -41,8 +44,9 @@ import torch
 from hawq_onnx.graph import GraphView
 from hawq_onnx.hessian.blocks import BlockVector
 from hawq_onnx.hessian.hvp import HessianVectorProduct
-from hawq_onnx.hessian.objective import Objective
+from hawq_onnx.hessian.objective import MicroBatch, Objective
 from hawq_onnx.mirror.module import Hook, Mirror
+from hawq_onnx.mirror.reuse import DEFAULT_BUDGET_BYTES, CleanPasses
 from hawq_onnx.mixed.problem import LayerChoice
 from hawq_onnx.mixed.sensitivity import weight_spec_at
 from hawq_onnx.quant.activations import ActQParams
@@ -56,6 +60,8 @@ Shifts = dict[str, tuple[int, torch.Tensor]]
 ActHooks = Mapping[str, ActQParams]
 #: HVPs applied together (one forward/backward shared per micro-batch).
 HVP_CHUNK = 8
+#: bytes of output tangents per micro-batch the Gram route to the couplings may hold.
+GRAM_BUDGET_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------ perturbations
@@ -157,14 +163,21 @@ class LossMeter:
 
     Forward passes only (no graph kept). ``delta`` is measured against the float weights'
     loss on the same batches, so a KL objective's ΔL is the loss itself and a CE objective's
-    is the increase over the float model.
+    is the increase over the float model. The float pass is stored (up to
+    ``reuse_budget_bytes`` of activations, :mod:`hawq_onnx.mirror.reuse`) so that a pass with
+    a few layers changed recomputes only the nodes downstream of them; the losses are the
+    same as with full passes.
     """
 
-    def __init__(self, objective: Objective) -> None:
+    def __init__(self, objective: Objective, reuse_budget_bytes: int = DEFAULT_BUDGET_BYTES
+                 ) -> None:
         self.objective = objective
         self.params = list(objective.mirror.weights.values())
+        self._names = list(objective.mirror.weights)
+        self.clean = CleanPasses(reuse_budget_bytes)
         self.forwards = 0
-        self.base = self._loss()
+        self._changed: frozenset[str] = frozenset()
+        self.base = self._loss(record=reuse_budget_bytes > 0)
 
     @contextmanager
     def _applied(self, substitution: BlockVector,
@@ -174,23 +187,35 @@ class LossMeter:
         forward pass raises, so one measurement never leaks into the next."""
         saved = {b: self.params[b].detach().clone() for b in substitution}
         handles = [self.objective.mirror.add_hook(name, hook) for name, hook in hooks]
+        self._changed = frozenset(self._names[b] for b in substitution)
         try:
             with torch.no_grad():
                 for b, value in substitution.items():
                     self.params[b].copy_(value)
             yield
         finally:
+            self._changed = frozenset()
             for handle in handles:
                 handle.remove()
             with torch.no_grad():
                 for b, value in saved.items():
                     self.params[b].copy_(value)
 
-    def _loss(self) -> float:
+    def _forward(self, batch: MicroBatch, record: bool = False) -> tuple[torch.Tensor, ...]:
+        """One gradient-free pass of the mirror as it is, reading back the float pass's
+        tensors wherever nothing changed reaches."""
+        feeds = self.objective.feeds(batch)
+        mirror = self.objective.mirror
+        if record:
+            return mirror.run(feeds, record=self.clean.recorder(batch.index))
+        return mirror.run(feeds, reuse=self.clean.reuse(batch.index, self._changed))
+
+    def _loss(self, record: bool = False) -> float:
         total = 0.0
         with torch.no_grad():
             for batch in self.objective.batches:
-                total += self.objective.weight(batch) * float(self.objective.batch_loss(batch))
+                outputs = self._forward(batch, record)
+                total += self.objective.weight(batch) * float(self.objective.loss(outputs, batch))
         self.forwards += 1
         return total
 
@@ -215,11 +240,10 @@ class LossMeter:
             sums[name] = sums.get(name, 0.0) + moved.sum(dim=1)
             counts[name] = counts.get(name, 0) + moved.shape[1]
 
-        mirror = self.objective.mirror
         with self._applied(substitution or {}, [(name, capture) for name in outputs]), \
                 torch.no_grad():
             for batch in self.objective.batches:
-                mirror(**self.objective.feeds(batch))
+                self._forward(batch)
         self.forwards += 1
         return {name: sums[name] / counts[name] for name in sums}
 
@@ -359,10 +383,31 @@ class CouplingTables:
 
 def hessian_couplings(hvp: HessianVectorProduct, perturbations: Perturbations,
                       pairs: Sequence[Pair] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> CouplingTables:
-    """One HVP per unit and width; ``pairs`` (default: all) whose couplings are kept."""
+                      progress: Callable[[int, int], None] | None = None,
+                      gram_budget_bytes: int = GRAM_BUDGET_BYTES) -> CouplingTables:
+    """The block quadratics and the couplings of ``pairs`` (default: all).
+
+    With the Gauss–Newton Hessian (the KL/MSE objectives) all of them come from one output
+    tangent per unit and width (:meth:`HessianVectorProduct.gram`) when those fit
+    ``gram_budget_bytes`` per micro-batch; otherwise one HVP per unit and width.
+    """
     n_l, n_b = perturbations.n_layers, perturbations.n_bits
     wanted = all_pairs(n_l) if pairs is None else sorted({(min(p), max(p)) for p in pairs})
+    jobs = [(j, k) for j in range(n_l) for k in range(n_b)]
+    if hvp.mode == "gauss_newton" and hvp.gram_bytes(len(jobs)) <= gram_budget_bytes:
+        gram = hvp.gram([perturbations.deltas[j][k] for j, k in jobs], progress).numpy()
+        quadratic = 0.5 * np.diag(gram).reshape(n_l, n_b).copy()
+        tables = {(i, j): gram[i * n_b:(i + 1) * n_b, j * n_b:(j + 1) * n_b].copy()
+                  for i, j in wanted}
+        return CouplingTables(quadratic, tables, len(jobs))
+    return _couplings_by_hvp(hvp, perturbations, wanted, progress)
+
+
+def _couplings_by_hvp(hvp: HessianVectorProduct, perturbations: Perturbations,
+                      wanted: list[Pair], progress: Callable[[int, int], None] | None
+                      ) -> CouplingTables:
+    """One HVP per unit and width, contracted with the partners' errors."""
+    n_l, n_b = perturbations.n_layers, perturbations.n_bits
     partners: dict[int, list[int]] = {j: [] for j in range(n_l)}
     for i, j in wanted:
         partners[j].append(i)

@@ -69,6 +69,7 @@ from hawq_onnx.mixed.costs import (
 )
 from hawq_onnx.mixed.evaluate import Evaluation, evaluate_models, random_configurations
 from hawq_onnx.mixed.ilp import pareto_front, smallest_achievable, solve
+from hawq_onnx.mixed.pair_pruning import MAX_ILP_PAIRS, IlpPairs, ilp_pairs
 from hawq_onnx.mixed.problem import (
     ActUnit,
     Allocation,
@@ -125,6 +126,7 @@ class MixedOptions:
     minimize: str = "size_bytes"
     interactions: str = "both"
     hops: int = 1
+    max_ilp_pairs: int = MAX_ILP_PAIRS
     measure_bits: tuple[int, ...] | None = None
     pins: tuple[tuple[str, int], ...] = ()
     pin_first_last: int | None = None
@@ -150,6 +152,8 @@ class MixedOptions:
             raise HawqError(f"minimize must be one of {MINIMIZE_METRICS}")
         if len(set(self.candidate_bits)) < 1:
             raise HawqError("at least one candidate width is needed")
+        if self.max_ilp_pairs < 0:
+            raise HawqError(f"max_ilp_pairs must be >= 0, got {self.max_ilp_pairs}")
         if self.candidate_act_bits is not None:
             wrong = [b for b in self.candidate_act_bits if b not in ACT_BITS]
             if not self.candidate_act_bits or wrong:
@@ -258,6 +262,8 @@ class MixedSession:
         self.act_sensitivity: SensitivityTable | None = None
         self._act_measured: np.ndarray | None = None
         self.mirror_batch: dict[str, Any] | None = None  # report entry, set with the meters
+        #: loss model name -> the pair terms its last ILP took (:mod:`.pair_pruning`).
+        self.ilp_pairs: dict[str, IlpPairs] = {}
 
     # ------------------------------------------------------------------ set-up
     def _load(self) -> None:
@@ -537,7 +543,22 @@ class MixedSession:
         model = model or self.chosen_model()
         with timed(self.timings, "costs"):
             self._costs()
-        return self._problem(model.unary, dict(model.pairs), self.act_unary())
+        measured = self.corrections.measured if self.corrections is not None else None
+        kept = ilp_pairs(model.pairs, set(measured.pairs) if measured is not None else set(),
+                         self.mixed.max_ilp_pairs)
+        self.ilp_pairs[model.name] = kept
+        if kept.dropped:
+            self._note_once(f"ILP ({model.name} loss model): the {kept.dropped} smallest of "
+                            f"{len(model.pairs)} pairwise "
+                            f"loss terms left out (--max-ilp-pairs {self.mixed.max_ilp_pairs}); "
+                            "they move "
+                            f"any configuration's predicted ΔL by at most "
+                            f"{kept.dropped_bound:.3g}")
+        return self._problem(model.unary, kept.pairs, self.act_unary())
+
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
 
     def _problem(self, unary: np.ndarray, pairs: dict[tuple[int, int], np.ndarray],
                  act_unary: np.ndarray) -> AllocationProblem:

@@ -20,6 +20,7 @@ from hawq_onnx.mixed.problem import Allocation, AllocationProblem
 from hawq_onnx.mixed.target import TargetResult
 
 if TYPE_CHECKING:
+    from hawq_onnx.mixed.interactions import LossModel
     from hawq_onnx.mixed.pipeline import MixedSession
 
 #: bits a float (unquantized) weight counts for in the parameter-weighted average.
@@ -53,7 +54,6 @@ def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: 
     """The report's ``mixed`` section."""
     mixed = session.mixed
     model = session.kept_model or session.chosen_model()
-    columns = session._columns(allocation)
     float_params = session.float_params()
     params = sum(c.params for c in session.choices)
     out: dict[str, Any] = {
@@ -71,16 +71,15 @@ def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: 
             "avg_weight_bits": rounded((allocation.avg_weight_bits * params
                                        + FLOAT_BITS * float_params) / (params + float_params)),
             "bops": rounded(allocation.bops), "latency_s": rounded(allocation.latency),
-            "predicted_dl": rounded(model.predict(columns) + _act_predicted(session, allocation)),
+            "predicted_dl": rounded(_predicted(session, model, allocation)),
             "measured_dl": rounded(session.measured_delta(allocation)),
         },
         "units": [{"names": list(c.names), "params": c.params, "macs": c.macs,
                    "bits": b} for c, b in zip(session.choices, allocation.bits, strict=True)],
         "pareto": {"metric": mixed.primary_metric(),
-                   "points": [_allocation_row(session, a, a.objective, drops)
+                   "points": [_allocation_row(session, a, _predicted(session, model, a), drops)
                               for a in frontier]},
-        "pairs": {"neighbours": len(session.corrections.pairs) if session.corrections else 0,
-                  "in_ilp": len(problem.pair_costs)},
+        "pairs": _pairs_entry(session, model.name, problem),
         "mirror_batch": session.mirror_batch,
     }
     if session.selection is not None:
@@ -92,6 +91,23 @@ def mixed_report(session: MixedSession, problem: AllocationProblem, allocation: 
     if target is not None:
         out["target"] = target.to_dict()
     return out
+
+
+def _predicted(session: MixedSession, model: LossModel, allocation: Allocation) -> float:
+    """The loss model's prediction with every pair term (the ILP may have taken fewer)."""
+    return model.predict(session._columns(allocation)) + _act_predicted(session, allocation)
+
+
+def _pairs_entry(session: MixedSession, model_name: str, problem: AllocationProblem
+                 ) -> dict[str, Any]:
+    """Neighbour pairs measured, pair terms in the ILP, and what was left out of it."""
+    entry: dict[str, Any] = {
+        "neighbours": len(session.corrections.pairs) if session.corrections else 0,
+        "in_ilp": len(problem.pair_costs)}
+    kept = session.ilp_pairs.get(model_name)
+    if kept is not None and kept.dropped:
+        entry.update(left_out=kept.dropped, left_out_bound=rounded(kept.dropped_bound))
+    return entry
 
 
 def _act_predicted(session: MixedSession, allocation: Allocation) -> float:
