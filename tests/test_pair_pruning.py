@@ -104,3 +104,27 @@ def test_a_deep_model_gets_a_capped_ilp_and_the_report_says_what_was_left_out(
 def test_max_ilp_pairs_is_validated() -> None:
     with pytest.raises(HawqError, match="max_ilp_pairs"):
         MixedOptions(max_ilp_pairs=-1)
+
+
+def test_a_negative_predicted_loss_is_called_out(chain_session: MixedSession) -> None:
+    """Planted: pair terms that over-compensate the singles make the model predict a loss
+    decrease; the session says so and points at the held-out measurement."""
+    both = chain_session.correct().models["both"]
+    allocation = chain_session.allocate(chain_session.problem(both))
+    before = list(chain_session.notes)
+    chain_session.kept_model = both
+    chain_session.note_implausible_prediction(allocation)
+    assert chain_session.notes == before  # a plausible prediction: nothing to say
+    over = LossModel("both", both.unary,
+                     {p: t - 4 * both.unary.max() for p, t in both.pairs.items()})
+    chain_session.kept_model = over
+    try:
+        assert over.predict(chain_session._columns(allocation)) < 0
+        chain_session.note_implausible_prediction(allocation)
+        added = [n for n in chain_session.notes if n not in before]
+        measured = chain_session.measured_delta(allocation)
+        assert len(added) == 1 and "predicts a loss decrease" in added[0]
+        assert f"{measured:.3g}" in added[0]
+    finally:
+        chain_session.kept_model = None
+        chain_session.notes[:] = before

@@ -789,6 +789,23 @@ class MixedSession:
         hooks = self.allocation_hooks(self._act_columns(allocation))
         return perturbations.delta(holdout, dict(enumerate(columns)), hooks or None)
 
+    def note_implausible_prediction(self, allocation: Allocation) -> None:
+        """Say so when the loss model predicts a loss *decrease* for the allocation it chose.
+
+        Why: a KL or MSE objective cannot fall below the float model's, so a negative
+        prediction means the pairwise terms over-compensate (on deep models, measured
+        neighbour interactions next to rescaled couplings of far-apart layers can sum to more
+        than the singles) and the ILP steered into that region. The held-out measurement is
+        then the number to trust."""
+        model = self.kept_model or self.chosen_model()
+        predicted = model.predict(self._columns(allocation))
+        if predicted < 0:
+            self._note_once(
+                f"the {model.name} loss model predicts a loss decrease ({predicted:.3g}) for "
+                f"the chosen allocation: its pair terms over-compensate on this model; the "
+                f"held-out measurement (totals.measured_dl, "
+                f"{self.measured_delta(allocation):.3g}) is the one to trust")
+
     def act_deltas(self, allocation: Allocation) -> list[float]:
         """Held-out ΔL of each activation quantizer alone at its allocated width."""
         _, holdout, _ = self.meters()
@@ -896,6 +913,7 @@ def quantize_mixed(model_path: str | os.PathLike[str], output_path: str | os.Pat
         say("ILP")
         problem, allocation = session.allocate_guarded()
         frontier = session.frontier(problem)
+    session.note_implausible_prediction(allocation)
     built = session.build(allocation)
     with timed(session.timings, "export"):
         exported = export_model(built.model, output_path, fmt=options.format,
