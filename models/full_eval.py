@@ -42,6 +42,18 @@ def text_test() -> dict[str, np.ndarray]:
     return {"tokens": tokens, "labels": labels[test]}
 
 
+def text_calibration_draw(seed: int, count: int) -> dict[str, np.ndarray]:
+    """``count`` training glosses drawn with ``seed`` (never a held-out one), encoded like
+    ``text_calib.npz``: other calibration sets from the same distribution, for measuring how
+    much a result depends on which samples calibrated it."""
+    texts, labels = transformer.read_glosses()
+    train, _ = transformer.split_indices(len(texts))
+    vocab = transformer.build_vocab([texts[i] for i in train])
+    rows = np.random.default_rng(seed).choice(train, count, replace=False)
+    return {"tokens": transformer.encode([texts[i] for i in rows], vocab),
+            "labels": labels[rows]}
+
+
 BUILDERS = {"fashion": fashion_test, "text": text_test}
 
 

@@ -207,3 +207,23 @@ def test_latency_budget_uses_the_measured_table(tmp_path: Path, data: dict[str, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--latency-budget" in err[0] and "infeasible" in err[0]
     assert not out.exists()
+
+
+def test_max_ilp_pairs_caps_the_pair_terms_and_the_report_bounds_the_rest(
+        tmp_path: Path, data: dict[str, Path]) -> None:
+    """Fashion's 5 units have 10 pairs, 4 of them graph neighbours (measured): a cap of 4
+    keeps exactly the measured ones, leaves 6 Hessian couplings out and says so."""
+    out, report_path = tmp_path / "capped.onnx", tmp_path / "capped.json"
+    code = _run(data, out, "--avg-weight-bits", "4", "--max-ilp-pairs", "4",
+                "--eval-configs", "0", "--report", str(report_path), fast=False)
+    assert code == 0
+    report = _report(report_path)
+    pairs = report["mixed"]["pairs"]
+    assert report["mixed"]["loss_model"] == "both"
+    assert pairs["neighbours"] == 4 and pairs["in_ilp"] == 4 and pairs["left_out"] == 6
+    assert pairs["left_out_bound"] > 0
+    assert any("6 smallest of 10 pairwise loss terms left out" in n for n in report["notes"])
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(FASHION), "-o", str(tmp_path / "x.onnx"), "--calib",
+              str(data["calib"]), "--avg-weight-bits", "4", "--max-ilp-pairs", "-1"])
+    assert exc.value.code == 2

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hawq_onnx.commands.argtypes import positive_int
+from hawq_onnx.commands.argtypes import non_negative_int, positive_int
 from hawq_onnx.mixed.pair_pruning import MAX_ILP_PAIRS
 from hawq_onnx.model_io import write_atomic
 from hawq_onnx.quant.plan import ACT_BITS, CALIB_METHODS, DEFAULT_CALIB_METHOD, WEIGHT_BITS
@@ -294,7 +294,7 @@ def add_mixed_arguments(parser: argparse.ArgumentParser) -> None:
                             "interactions, or both (default)")
     group.add_argument("--hops", type=positive_int, default=1, metavar="K",
                        help="measure interactions of layers within K hops (default 1)")
-    group.add_argument("--max-ilp-pairs", type=positive_int, default=MAX_ILP_PAIRS, metavar="N",
+    group.add_argument("--max-ilp-pairs", type=non_negative_int, default=MAX_ILP_PAIRS, metavar="N",
                        help="pairwise loss terms the ILP takes: every measured one, then the "
                             f"largest others up to N (default {MAX_ILP_PAIRS}); the report "
                             "bounds what the rest could change")
