@@ -176,11 +176,8 @@ class HessianVectorProduct:
     def gram_bytes(self, count: int) -> int:
         """Bytes :meth:`gram` holds per micro-batch for ``count`` vectors (output tangents
         and their products with the output Hessian)."""
-        batch = self.objective.batches.first()
-        with torch.no_grad():
-            outputs = self.mirror(**self.objective.feeds(batch))
-        used = {spec.index for spec in self.objective.losses}
-        per_vector = sum(outputs[i].numel() * outputs[i].element_size() for i in used)
+        targets = self.objective.batches.first().targets  # the outputs' shapes (KL/MSE)
+        per_vector = sum(t.numel() * t.element_size() for t in targets if t is not None)
         return 2 * count * per_vector
 
     def gram(self, vectors: Sequence[BlockVector],

@@ -548,12 +548,11 @@ class MixedSession:
                          self.mixed.max_ilp_pairs)
         self.ilp_pairs[model.name] = kept
         if kept.dropped:
-            self._note_once(f"ILP ({model.name} loss model): the {kept.dropped} smallest of "
-                            f"{len(model.pairs)} pairwise "
-                            f"loss terms left out (--max-ilp-pairs {self.mixed.max_ilp_pairs}); "
-                            "they move "
-                            f"any configuration's predicted ΔL by at most "
-                            f"{kept.dropped_bound:.3g}")
+            self._note_once(
+                f"ILP ({model.name} loss model): the {kept.dropped} smallest of "
+                f"{len(model.pairs)} pairwise loss terms left out (--max-ilp-pairs "
+                f"{self.mixed.max_ilp_pairs}); they move any configuration's predicted ΔL by "
+                f"at most {kept.dropped_bound:.3g}")
         return self._problem(model.unary, kept.pairs, self.act_unary())
 
     def _note_once(self, note: str) -> None:
