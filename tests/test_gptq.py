@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hawq_onnx.calibration.input_gram import _Unfold, collect_input_grams
+from hawq_onnx.calibration.input_gram import _Unfold, _unfold_for, collect_input_grams
 from hawq_onnx.cli import main
 from hawq_onnx.data import load_npz
 from hawq_onnx.graph import GraphView
@@ -311,3 +311,68 @@ def test_default_rounding_without_data_is_nearest_and_says_so(tmp_path: Path) ->
         assert {row["rounding"] for row in data["layers"]} == {"nearest"}
         assert any("no calibration data" in note for note in data["notes"]) == (rounding is None)
     assert outputs[None] == outputs["mse"]
+
+
+def _conv_transpose_model(spatial: int, attrs: dict[str, list[int]]
+                          ) -> tuple[onnx.ModelProto, np.ndarray]:
+    rng = np.random.default_rng(8)
+    weight = rng.normal(size=[3, 4, *([3] * spatial)]).astype(np.float32)  # [C_in, C_out, k]
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, *([5] * spatial)])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "deconv", [x], [y], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model, weight
+
+
+@pytest.mark.parametrize(("spatial", "attrs"), [
+    (2, {"strides": [2, 2], "pads": [1, 0, 1, 2], "output_padding": [1, 0]}),
+    (2, {"strides": [2, 1], "pads": [0, 0, 0, 0], "dilations": [2, 1]}),
+    (2, {"strides": [1, 1], "pads": [3, 3, 3, 3]}),  # pads beyond the kernel: a crop
+    (1, {"strides": [3], "pads": [1, 2], "output_padding": [2]}),
+])
+def test_transposed_patches_reproduce_onnxruntime(spatial: int,
+                                                  attrs: dict[str, list[int]]) -> None:
+    """ConvTranspose rows in the weight's (C_in, k...) order: rows @ W[:, o] is output o."""
+    model, weight = _conv_transpose_model(spatial, attrs)
+    x = np.random.default_rng(9).normal(size=(2, 3, *([5] * spatial))).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    found = _unfold_for(GraphView(model).quantizable_layers()[0], model.graph.node[0],
+                        list(weight.shape))
+    assert isinstance(found, _Unfold) and found.kind == "conv_transpose"
+    rows = found.rows(x)
+    out = rows @ np.moveaxis(weight, 1, 0).reshape(4, -1).T.astype(np.float64)
+    positions = int(np.prod(expected.shape[2:]))
+    rebuilt = out.reshape(2, positions, 4).transpose(0, 2, 1).reshape(expected.shape)
+    np.testing.assert_allclose(rebuilt, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_gets_gptq_rounding_and_grouped_ones_say_why(tmp_path: Path) -> None:
+    """End to end through the quantizer: the ConvTranspose weight is re-rounded (lower output
+    error than nearest on its own moments); a grouped one keeps nearest, with the reason."""
+    model, weight = _conv_transpose_model(2, {"strides": [2, 2], "pads": [1, 1, 1, 1]})
+    rng = np.random.default_rng(10)
+    noise = rng.normal(size=(48, 3, 5, 5)) + rng.normal(size=(48, 1, 5, 5))
+    np.savez(tmp_path / "c.npz", x=(np.cumsum(noise, axis=3) / 2).astype(np.float32))
+    quantizer = Quantizer(model)
+    moments = collect_input_grams(quantizer.model, quantizer.placement.layers,
+                                  load_npz(tmp_path / "c.npz", quantizer.model),
+                                  batch_size=16, max_samples=48)
+    gram = moments.grams["w"]
+    assert gram.shape == (27, 27) and not moments.skipped
+    plain = quantize_weight(weight, WeightSpec(3), WeightLayout((1,), None))
+    refined = refine_rounding(weight, plain, 1, gram)
+    assert refined is not plain and np.array_equal(refined.scale, plain.scale)
+    rows_of = lambda w: np.moveaxis(w, 1, 0).reshape(4, -1)  # noqa: E731
+    assert output_error(rows_of(weight), rows_of(refined.dequantize()), gram) < \
+        0.9 * output_error(rows_of(weight), rows_of(plain.dequantize()), gram)
+    grouped, _ = _conv_transpose_model(2, {"strides": [2, 2]})
+    grouped.graph.node[0].attribute.append(helper.make_attribute("group", 3))
+    grouped.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        weight[:, :1].copy(), "w"))  # [C_in=3, C_out/group=1, 3, 3]
+    quantizer = Quantizer(grouped)
+    skipped = collect_input_grams(quantizer.model, quantizer.placement.layers,
+                                  load_npz(tmp_path / "c.npz", quantizer.model),
+                                  batch_size=16, max_samples=48).skipped
+    assert skipped == {"w": "grouped ConvTranspose"}

@@ -7,14 +7,17 @@ added as outputs; ``Σ x xᵀ`` is accumulated in float64 batch by batch, so mem
 of activations plus one ``K × K`` matrix per layer.
 
 Only layers whose weight rows pair with a well-defined ``x`` get a matrix: MatMul/Gemm with
-the weight as the second operand (directly, not through a Transpose) and 1-D/2-D Conv with
-explicit padding. A grouped Conv (depthwise included) gets one matrix per group, ``[G, K, K]``
-with ``K = C_in/G · k_h · k_w``: each group's output channels see only that group's inputs.
+the weight as the second operand (directly, not through a Transpose), 1-D/2-D Conv with
+explicit padding, and ungrouped 1-D/2-D ConvTranspose (``K = C_in · k_h · k_w``, the patches of
+the equivalent stride-1 convolution). A grouped Conv (depthwise included) gets one matrix per
+group, ``[G, K, K]`` with ``K = C_in/G · k_h · k_w``: each group's output channels see only
+that group's inputs.
 The others are listed with the reason (they keep plain rounding).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,12 +43,13 @@ class _Unfold:
 
     weight: str
     tensor: str
-    kind: str  # rows | rows_transposed | conv
+    kind: str  # rows | rows_transposed | conv | conv_transpose
     kernel: tuple[int, ...] = ()
     strides: tuple[int, ...] = ()
     pads: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
     groups: int = 1
+    output_padding: tuple[int, ...] = ()
 
     def rows(self, value: np.ndarray) -> np.ndarray:
         array = np.asarray(value, dtype=np.float64)
@@ -53,6 +57,8 @@ class _Unfold:
             return array.reshape(-1, array.shape[-1])
         if self.kind == "rows_transposed":
             return array.T
+        if self.kind == "conv_transpose":
+            return _transposed_patches(array, self)
         return _patches(array, self)
 
 
@@ -71,7 +77,7 @@ def _unfold_for(layer: QuantizableLayer, node: onnx.NodeProto,
     weight = layer.weight or ""
     if layer.kind == "embedding":
         return "embedding lookups have no input rows to weigh"
-    if layer.kind not in ("matmul", "gemm", "conv"):
+    if layer.kind not in ("matmul", "gemm", "conv", "conv_transpose"):
         return f"no input unfolding for {layer.kind} layers yet"
     if len(node.input) < 2 or node.input[1] != weight:
         return "the weight reaches the node through another op"
@@ -92,9 +98,17 @@ def _unfold_for(layer: QuantizableLayer, node: onnx.NodeProto,
     if auto_pad not in ("NOTSET", "VALID"):
         return f"auto_pad {auto_pad}"
     pads = attrs.get("pads", [0] * 2 * spatial) if auto_pad == "NOTSET" else [0] * 2 * spatial
-    return _Unfold(weight, node.input[0], "conv", tuple(dims[2:]),
+    groups = int(attrs.get("group", 1))
+    extra: dict[str, tuple[int, ...]] = {}
+    if layer.kind == "conv_transpose":
+        if groups != 1:  # its output channels interleave the groups' input channels
+            return "grouped ConvTranspose"
+        if "output_shape" in attrs:
+            return "ConvTranspose with output_shape (implicit padding)"
+        extra["output_padding"] = tuple(attrs.get("output_padding", [0] * spatial))
+    return _Unfold(weight, node.input[0], layer.kind, tuple(dims[2:]),
                    tuple(attrs.get("strides", [1] * spatial)), tuple(pads),
-                   tuple(attrs.get("dilations", [1] * spatial)), int(attrs.get("group", 1)))
+                   tuple(attrs.get("dilations", [1] * spatial)), groups, **extra)
 
 
 def _patches(array: np.ndarray, spec: _Unfold) -> np.ndarray:
@@ -110,6 +124,34 @@ def _patches(array: np.ndarray, spec: _Unfold) -> np.ndarray:
     padding = [v for axis in reversed(range(2)) for v in (begin[axis], end[axis])]
     tensor = F.pad(tensor, padding)
     cols = F.unfold(tensor, kernel, dilation=dilations, stride=strides)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+
+
+def _transposed_patches(array: np.ndarray, spec: _Unfold) -> np.ndarray:
+    """ConvTranspose patches as rows ``[N·L, C_in·k...]`` in the weight's (C_in, k_h, k_w)
+    order: ``y[o, p] = Σ_(c, k) W[c, o, k]·x̃_p[c, k]``.
+
+    A transposed convolution is a stride-1 convolution of the input with ``s − 1`` zeros
+    between its elements, padded by ``d·(k − 1) − pad`` (plus ``output_padding`` at the end;
+    negative amounts crop), with the kernel flipped; the patches of that convolution, read
+    with their kernel axes reversed, are the ``x̃_p``.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    kernel, strides, dilations = spec.kernel, spec.strides, spec.dilations
+    spatial = len(kernel)
+    begin, end, extra = spec.pads[:spatial], spec.pads[spatial:], spec.output_padding
+    if spatial == 1:
+        tensor = tensor.unsqueeze(2)
+        kernel, strides, dilations = (1, *kernel), (1, *strides), (1, *dilations)
+        begin, end, extra = (0, *begin), (0, *end), (0, *extra)
+    n, c, height, width = tensor.shape
+    spread = tensor.new_zeros((n, c, (height - 1) * strides[0] + 1, (width - 1) * strides[1] + 1))
+    spread[:, :, ::strides[0], ::strides[1]] = tensor
+    reach = [d * (k - 1) for d, k in zip(dilations, kernel, strict=True)]
+    padding = [v for axis in (1, 0) for v in (reach[axis] - begin[axis],
+                                                reach[axis] - end[axis] + extra[axis])]
+    cols = F.unfold(F.pad(spread, padding), kernel, dilation=dilations)
+    cols = cols.reshape(n, c, *kernel, -1).flip(2, 3).reshape(n, c * math.prod(kernel), -1)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
 
 
