@@ -201,7 +201,7 @@ class HessianVectorProduct:
             jvs = self._jvps_by_support(batch, vectors)
             flat = torch.stack([_flat(jv) for jv in jvs]).double()
             curved = torch.stack([_flat(space.hessian_times(jv)) for jv in jvs]).double()
-            total.add_(flat @ curved.T, alpha=self.objective.weight(batch))
+            total.add_((flat @ curved.T).cpu(), alpha=self.objective.weight(batch))
             if progress is not None:
                 progress(index + 1, batches)
         self.products += len(vectors)
