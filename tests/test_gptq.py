@@ -94,19 +94,25 @@ def test_refine_rounding_keeps_scales_and_layout_and_never_loses() -> None:
     assert identity is plain
 
 
-def _conv_model(spatial: int, pads: list[int], strides: list[int], dilations: list[int]
-                ) -> tuple[onnx.ModelProto, np.ndarray]:
-    rng = np.random.default_rng(5)
-    kernel = [3] * spatial
-    weight = rng.normal(size=[4, 3, *kernel]).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=pads, strides=strides,
-                            dilations=dilations)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, *([9] * spatial)])
+def _one_node_model(op: str, weight: np.ndarray, size: int, **attrs: list[int]
+                    ) -> onnx.ModelProto:
+    """``y = op(x, w)`` with ``x`` of 3 channels and ``size`` along each spatial axis."""
+    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    spatial = weight.ndim - 2
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, *([size] * spatial)])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "conv", [x], [y], [numpy_helper.from_array(weight, "w")])
+    graph = helper.make_graph([node], op.lower(), [x], [y],
+                              [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
-    return model, weight
+    return model
+
+
+def _conv_model(spatial: int, pads: list[int], strides: list[int], dilations: list[int]
+                ) -> tuple[onnx.ModelProto, np.ndarray]:
+    weight = np.random.default_rng(5).normal(size=[4, 3, *([3] * spatial)]).astype(np.float32)
+    return _one_node_model("Conv", weight, 9, pads=pads, strides=strides,
+                           dilations=dilations), weight
 
 
 @pytest.mark.parametrize(("spatial", "pads", "strides", "dilations"), [
@@ -317,13 +323,7 @@ def _conv_transpose_model(spatial: int, attrs: dict[str, list[int]]
                           ) -> tuple[onnx.ModelProto, np.ndarray]:
     rng = np.random.default_rng(8)
     weight = rng.normal(size=[3, 4, *([3] * spatial)]).astype(np.float32)  # [C_in, C_out, k]
-    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, *([5] * spatial)])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "deconv", [x], [y], [numpy_helper.from_array(weight, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model, weight
+    return _one_node_model("ConvTranspose", weight, 5, **attrs), weight
 
 
 @pytest.mark.parametrize(("spatial", "attrs"), [
