@@ -225,7 +225,7 @@ class HessianVectorProduct:
 
     def _output_space(self, batch: MicroBatch, outputs: Sequence[torch.Tensor]) -> _OutputSpace:
         """The loss's gradient w.r.t. the model outputs it reads, with a graph for ``H_out``."""
-        used = sorted({spec.index for spec in self.objective.losses})
+        used = self._used_outputs()
         leaves = {i: outputs[i].detach().requires_grad_(True) for i in used}
         substituted = [leaves.get(i, o) for i, o in enumerate(outputs)]
         loss = self.objective.loss(substituted, batch)
@@ -235,13 +235,17 @@ class HessianVectorProduct:
     def _selected_outputs(self, batch: MicroBatch
                           ) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]:
         feeds = self.objective.feeds(batch)
-        used = sorted({spec.index for spec in self.objective.losses})
+        used = self._used_outputs()
 
         def selected(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
             result = torch.func.functional_call(self.mirror, params, kwargs=feeds)
             return tuple(result[i] for i in used)
 
         return selected
+
+    def _used_outputs(self) -> list[int]:
+        """The model outputs the loss reads, in output order."""
+        return sorted({spec.index for spec in self.objective.losses})
 
     def _primals(self, needed: Sequence[int]) -> dict[str, torch.Tensor]:
         return {self._paths[b]: self.params[b].detach() for b in needed}

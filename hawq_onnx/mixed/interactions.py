@@ -400,12 +400,12 @@ def hessian_couplings(hvp: HessianVectorProduct, perturbations: Perturbations,
         tables = {(i, j): gram[i * n_b:(i + 1) * n_b, j * n_b:(j + 1) * n_b].copy()
                   for i, j in wanted}
         return CouplingTables(quadratic, tables, len(jobs))
-    return _couplings_by_hvp(hvp, perturbations, wanted, progress)
+    return _couplings_by_hvp(hvp, perturbations, wanted, jobs, progress)
 
 
 def _couplings_by_hvp(hvp: HessianVectorProduct, perturbations: Perturbations,
-                      wanted: list[Pair], progress: Callable[[int, int], None] | None
-                      ) -> CouplingTables:
+                      wanted: list[Pair], jobs: list[tuple[int, int]],
+                      progress: Callable[[int, int], None] | None) -> CouplingTables:
     """One HVP per unit and width, contracted with the partners' errors."""
     n_l, n_b = perturbations.n_layers, perturbations.n_bits
     partners: dict[int, list[int]] = {j: [] for j in range(n_l)}
@@ -413,7 +413,6 @@ def _couplings_by_hvp(hvp: HessianVectorProduct, perturbations: Perturbations,
         partners[j].append(i)
     quadratic = np.zeros((n_l, n_b))
     tables = {p: np.zeros((n_b, n_b)) for p in wanted}
-    jobs = [(j, k) for j in range(n_l) for k in range(n_b)]
     done = 0
     for start in range(0, len(jobs), HVP_CHUNK):
         chunk = jobs[start:start + HVP_CHUNK]

@@ -39,14 +39,13 @@ def ilp_pairs(pairs: Mapping[Pair, np.ndarray], keep: Collection[Pair],
               limit: int = MAX_ILP_PAIRS) -> IlpPairs:
     """Every pair in ``keep`` plus the others with the largest ``max |table|`` until
     ``limit`` tables are in (all of them when they fit)."""
-    limit = max(limit, len(keep))
+    size = {p: float(np.abs(t).max()) for p, t in pairs.items()}
     kept = {p: t for p, t in pairs.items() if p in keep}
-    others = sorted((p for p in pairs if p not in keep),
-                    key=lambda p: (-float(np.abs(pairs[p]).max()), p))
+    others = sorted((p for p in pairs if p not in keep), key=lambda p: (-size[p], p))
     room = max(limit - len(kept), 0)
     kept.update((p, pairs[p]) for p in others[:room])
     dropped = others[room:]
-    bound = float(sum(np.abs(pairs[p]).max() for p in dropped))
+    bound = sum(size[p] for p in dropped)
     return IlpPairs(dict(sorted(kept.items())), len(dropped), bound)
 
 
