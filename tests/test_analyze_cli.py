@@ -144,3 +144,44 @@ def test_missing_calibration_file_and_bad_flags(files: dict[str, Path],
     with pytest.raises(SystemExit) as exc:
         _run(files, "--rel-tol", "0")
     assert exc.value.code == 2
+
+
+def _gain_mlp() -> onnx.ModelProto:
+    """The MLP with a scalar input ``gain`` scaling its hidden activations (like a sample
+    rate or a temperature fed beside the batch)."""
+    model = mlp_model()
+    graph = model.graph
+    tanh = next(n for n in graph.node if n.op_type == "Tanh")
+    tanh.output[0] = "a_raw"
+    graph.node.insert(list(graph.node).index(tanh) + 1,
+                      onnx.helper.make_node("Mul", ["a_raw", "gain"], ["a"], name="gain_mul"))
+    graph.input.append(onnx.helper.make_tensor_value_info("gain", onnx.TensorProto.FLOAT, []))
+    return model
+
+
+def test_a_scalar_input_is_fed_whole_to_analyze_and_mixed_quantize(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A scalar model input (no batch axis) broke the data hash both commands key their cache
+    on; it must be fed unchanged with every batch and change the analysis when it changes."""
+    model = tmp_path / "gain.onnx"
+    onnx.save(_gain_mlp(), model)
+    traces = []
+    for gain in (1.0, 3.0):
+        calib = tmp_path / f"calib_{gain}.npz"
+        np.savez(calib, x=X, gain=np.array(gain, dtype=np.float32))
+        report = tmp_path / f"analysis_{gain}.json"
+        assert main(["analyze", str(model), "--calib", str(calib), "--cache-dir",
+                     str(tmp_path / "cache"), "--min-probes", "8", "--max-probes", "8",
+                     "--report", str(report)]) == 0
+        traces.append({e["name"]: e["trace"] for e in json.loads(report.read_text())["layers"]})
+    # scaling the hidden layer by g scales fc2's input, so its Hessian trace grows ~g²
+    assert traces[1]["fc2.w"] > 4.0 * traces[0]["fc2.w"]
+    out = tmp_path / "q.onnx"
+    calib = tmp_path / "calib_mixed.npz"
+    rng = np.random.default_rng(4)
+    np.savez(calib, x=rng.standard_normal((80, X.shape[1])).astype(np.float32),
+             gain=np.array(2.0, dtype=np.float32))
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib),
+                 "--avg-weight-bits", "4", "--analysis-samples", "32", "--holdout-samples", "32",
+                 "--eval-configs", "0", "--no-cache"]) == 0
+    assert "average weight bits" in capsys.readouterr().out and out.exists()

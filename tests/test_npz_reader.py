@@ -245,12 +245,14 @@ def test_file_backed_dataset_matches_the_arrays(tmp_path: Path, kind: str) -> No
 
 def test_dataset_hash_does_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Samples are hashed batch axis first: a state batched along axis 1 gives the same
-    digest whether the pass reads 1, 7 or all 50 samples at a time."""
-    model = _identity([("a", TensorProto.FLOAT, ["b", 3]), ("s", TensorProto.FLOAT, [2, "b", 4])])
+    digest whether the pass reads 1, 7 or all 50 samples at a time; a scalar input (a sample
+    rate) is part of the digest too (it crashed the hash before)."""
+    model = _identity([("a", TensorProto.FLOAT, ["b", 3]), ("s", TensorProto.FLOAT, [2, "b", 4]),
+                       ("sr", TensorProto.INT64, [])])
     rng = np.random.default_rng(5)
-    dataset = Dataset(Path("<arrays>"), input_specs(model),
-                      {"a": rng.random((50, 3)).astype(np.float32),
-                       "s": rng.random((2, 50, 4)).astype(np.float32)})
+    arrays = {"a": rng.random((50, 3)).astype(np.float32),
+              "s": rng.random((2, 50, 4)).astype(np.float32), "sr": np.array(16000)}
+    dataset = Dataset(Path("<arrays>"), input_specs(model), arrays)
     chunks = Dataset.chunks
     digests = []
     for max_bytes in (1, 7 * dataset.sample_nbytes, 2**30):
@@ -259,6 +261,9 @@ def test_dataset_hash_does_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatc
     assert len(set(digests)) == 1
     monkeypatch.setattr(Dataset, "chunks", chunks)
     assert dataset_sha256(dataset.slice(1, 50), None) != digests[0]
+    # an unbatched (scalar) input is hashed once, by value
+    other_rate = Dataset(Path("<arrays>"), input_specs(model), {**arrays, "sr": np.array(8000)})
+    assert dataset_sha256(other_rate, None) != digests[0]
 
 
 def test_arrays_hash_is_the_c_order_bytes() -> None:

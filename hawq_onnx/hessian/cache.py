@@ -90,7 +90,10 @@ def dataset_sha256(dataset: Dataset, labels: np.ndarray | None) -> str:
                 inputs[name] = hashlib.sha256()
                 layouts[name] = (array.dtype.str, tuple(shape))
             elif axes[name] is None:
-                continue  # a scalar input, the same in every chunk
+                continue  # an unbatched input, the same in every chunk: hashed once
+            if axes[name] is None:
+                inputs[name].update(np.ascontiguousarray(array).tobytes())
+                continue
             for piece in _row_chunks(np.moveaxis(array, axes[name], 0)):
                 inputs[name].update(piece)
     digest = hashlib.sha256()
