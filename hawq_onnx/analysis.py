@@ -23,7 +23,7 @@ import torch
 
 from hawq_onnx.data import LABELS_KEY, Dataset, input_specs, load_npz
 from hawq_onnx.errors import HawqError, InvalidDataError
-from hawq_onnx.graph import GraphView, QuantizableLayer
+from hawq_onnx.graph import GraphView, QuantizableLayer, nested_reason
 from hawq_onnx.hessian.activations import activation_sampler, reached_tensors
 from hawq_onnx.hessian.cache import ResultCache, cache_key, dataset_sha256
 from hawq_onnx.hessian.density import spectral_density
@@ -241,7 +241,8 @@ def _run(inputs: _Inputs, settings: AnalysisSettings,
     timings: dict[str, float] = {}
     layers = _weight_layers(inputs)
     if not layers:
-        raise HawqError("the model has no quantizable weights to analyze")
+        raise HawqError("the model has no quantizable weights to analyze"
+                        + nested_reason(GraphView(inputs.model)))
     device = _device(settings.device)
     mirror = Mirror(inputs.model, weight_names=[layer.weight for layer in layers],
                     dtype=_DTYPES[settings.dtype], device=device)

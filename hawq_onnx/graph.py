@@ -35,6 +35,7 @@ INDEX_TYPES = frozenset({TensorProto.INT32, TensorProto.INT64})
 _WEIGHT_PASS_THROUGH = frozenset({"Identity", "Transpose"})
 _SHAPE_SOURCES = frozenset({"Shape", "Size"})
 _WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"})
+_RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
@@ -166,6 +167,28 @@ def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies a node carries (If branches, Loop/Scan bodies)."""
+    return [g for attr in node.attribute
+            for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])]
+
+
+def describe_nested(nested: dict[str, Counter[str]]) -> str:
+    """"12 layers inside control-flow bodies (If_0: 8 Conv, 4 LSTM)" for messages."""
+    total = sum(sum(c.values()) for c in nested.values())
+    where = "; ".join(f"{name}: " + ", ".join(f"{n} {op}" for op, n in sorted(c.items()))
+                      for name, c in nested.items())
+    return f"{total} layer(s) inside control-flow bodies ({where})"
+
+
+def nested_reason(view: GraphView) -> str:
+    """What to append to "no quantizable weights" when layers exist but sit in bodies."""
+    nested = view.nested_layers()
+    if not nested:
+        return ""
+    return f" in its main graph; {describe_nested(nested)} are not quantized"
+
+
 class GraphView:
     """Producer/consumer lookups, quantizable layers, shape subgraphs and control flow."""
 
@@ -274,9 +297,8 @@ class GraphView:
         def visit(graph: onnx.GraphProto) -> None:
             for node in graph.node:
                 counts[node.op_type] += 1
-                for attr in node.attribute:
-                    for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                        visit(sub)
+                for sub in _subgraphs(node):
+                    visit(sub)
 
         visit(self.graph)
         return counts
@@ -340,6 +362,30 @@ class GraphView:
     def control_flow_nodes(self) -> list[str]:
         """Names of If/Loop/Scan/LSTM/GRU/RNN nodes: kept in float, quantized around."""
         return [name for name, node in self._nodes.items() if node.op_type in CONTROL_FLOW_OPS]
+
+    def nested_layers(self) -> dict[str, Counter[str]]:
+        """Per If/Loop/Scan node of the main graph, the weight-bearing ops inside its bodies
+        (nested bodies included).
+
+        Why: only the main graph is quantized; a model whose layers all sit in branches
+        (silero-vad picks its 8 kHz or 16 kHz network with an ``If``) would otherwise come out
+        "quantized" with nothing changed and no word of why."""
+        found: dict[str, Counter[str]] = {}
+
+        def visit(graph: onnx.GraphProto, counts: Counter[str]) -> None:
+            for node in graph.node:
+                if node.op_type in _WEIGHT_OPS - {"Gather"} or node.op_type in _RECURRENT_OPS:
+                    counts[node.op_type] += 1
+                for sub in _subgraphs(node):
+                    visit(sub, counts)
+
+        for name, node in self._nodes.items():
+            counts: Counter[str] = Counter()
+            for sub in _subgraphs(node):
+                visit(sub, counts)
+            if counts:
+                found[name] = counts
+        return found
 
     # ------------------------------------------------------------------ quantizable layers
     def quantizable_layers(self) -> list[QuantizableLayer]:
@@ -499,4 +545,5 @@ class GraphView:
         return self._layer(name, node, "embedding", source, 0, [indices], None)
 
 
-__all__ = ["CONTROL_FLOW_OPS", "GraphView", "QuantizableLayer", "unique_node_names"]
+__all__ = ["CONTROL_FLOW_OPS", "GraphView", "QuantizableLayer", "describe_nested",
+           "nested_reason", "unique_node_names"]

@@ -29,7 +29,7 @@ from hawq_onnx.calibration.input_gram import InputGrams, collect_input_grams
 from hawq_onnx.calibration.session import make_session, session_options
 from hawq_onnx.data import Dataset, load_npz
 from hawq_onnx.errors import HawqError, InvalidModelError
-from hawq_onnx.graph import GraphView
+from hawq_onnx.graph import GraphView, describe_nested, nested_reason
 from hawq_onnx.importer import infer_shapes, load_model
 from hawq_onnx.passes.base import PassReport
 from hawq_onnx.passes.insert_qdq import InsertQDQ, QDQRecord
@@ -102,6 +102,10 @@ class Quantizer:
         self.view = GraphView(self.model)
         self.placement: Placement = analyze_placement(self.model, exclude=exclude,
                                                       asymmetric=asymmetric, view=self.view)
+        nested = self.view.nested_layers()
+        if nested:
+            self.notes.append(f"{describe_nested(nested)} stay float: only the main graph "
+                              "is quantized")
         self.stats: CalibrationStats | None = None
         self.dataset: Dataset | None = None
         self.batch_size = 32
@@ -318,6 +322,9 @@ def quantize(model_path: str | os.PathLike[str], output_path: str | os.PathLike[
                           asymmetric=not options.symmetric_activations, target_opset=target)
     plan = quantizer.uniform_plan(options.weight_spec(), act_spec, options.calib_method)
     plan.percentile = options.percentile
+    if not plan.weights and not plan.activations:  # the output would be the input, relabelled
+        raise HawqError("nothing to quantize: the model has no quantizable weights or "
+                        "activations" + nested_reason(quantizer.view))
     timings["load_s"] = time.perf_counter() - start
     if calib_path is not None:
         step = time.perf_counter()

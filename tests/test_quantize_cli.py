@@ -109,3 +109,67 @@ def test_refuses_to_overwrite_its_input_and_quantized_inputs(tmp_path: Path,
     assert main(["quantize", str(out), "-o", str(tmp_path / "qq.onnx"), "--calib",
                  str(CALIB)]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def _branching_model(main_layer: bool) -> onnx.ModelProto:
+    """``If(flag)`` picks one of two MatMul branches (silero-vad picks its 8 or 16 kHz
+    network this way); with ``main_layer`` a MatMul in the main graph follows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        weight = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32),
+                                         f"{name}_w")
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, ["n", 4])], [weight])
+
+    nodes = [helper.make_node("If", ["flag"], ["picked"], name="pick",
+                              then_branch=branch("then"), else_branch=branch("else"))]
+    inits = []
+    if main_layer:
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32),
+                                             "head_w"))
+        nodes.append(helper.make_node("MatMul", ["picked", "head_w"], ["y"], name="head"))
+    graph = helper.make_graph(
+        nodes, "branching",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y" if main_layer else "picked", TensorProto.FLOAT,
+                                       ["n", 3 if main_layer else 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_layers_inside_control_flow_bodies_are_named_not_silently_skipped(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Only the main graph is quantized. A model whose every layer sits in an If branch was
+    written out "quantized" (0/0 layers, larger than the input) with exit 0; now every command
+    says where the layers are, and quantize refuses to write a model it could not change."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32),
+             flag=np.array(True))
+    only_nested = tmp_path / "nested.onnx"
+    onnx.save(_branching_model(False), only_nested)
+    out = tmp_path / "q.onnx"
+    expected = "2 layer(s) inside control-flow bodies (pick: 2 MatMul)"
+    for extra in ([], ["--avg-weight-bits", "4"]):
+        assert main(["quantize", str(only_nested), "-o", str(out), "--calib", str(calib),
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and not out.exists()
+    assert main(["analyze", str(only_nested), "--calib", str(calib), "--no-cache"]) == 2
+    assert expected in capsys.readouterr().err
+    assert main(["inspect", str(only_nested), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nested_layers"] == {"pick": {"MatMul": 2}}
+    assert main(["inspect", str(only_nested)]) == 0
+    assert f"kept float: {expected}" in capsys.readouterr().out
+
+    with_head = tmp_path / "head.onnx"
+    onnx.save(_branching_model(True), with_head)
+    report = tmp_path / "report.json"
+    assert main(["quantize", str(with_head), "-o", str(out), "--calib", str(calib),
+                 "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert [layer["name"] for layer in data["layers"]] == ["head_w"]
+    assert any(expected in note for note in data["notes"])

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from onnx import TensorProto
 from hawq_onnx.commands.argtypes import positive_int
 from hawq_onnx.data import Dataset, load_npz
 from hawq_onnx.errors import UnsupportedOpError
-from hawq_onnx.graph import GraphView
+from hawq_onnx.graph import GraphView, describe_nested
 from hawq_onnx.importer import ImportedModel, load_model
 from hawq_onnx.mirror import unsupported_op_types
 from hawq_onnx.model_io import model_files_sha256
@@ -135,6 +136,8 @@ def summarize(model: onnx.ModelProto, view: GraphView, path: str) -> dict[str, A
                    "macs": sum(layer.macs for layer in layers)},
         "control_flow_nodes": [{"node": name, "op": view.node(name).op_type}
                                for name in view.control_flow_nodes()],
+        "nested_layers": {name: dict(sorted(counts.items()))
+                          for name, counts in view.nested_layers().items()},
         "unsupported_ops": unsupported_op_types(model),
         "notes": [],
     }
@@ -185,6 +188,10 @@ def render_summary(summary: dict[str, Any]) -> str:
         lines += table(["node", "op", "kind", "weight", "params", "MACs"], rows, right=(4, 5))
     flow = ", ".join(f"{c['node']} ({c['op']})" for c in summary["control_flow_nodes"])
     lines.append(f"control flow: {flow or 'none'}")
+    if summary["nested_layers"]:
+        nested = {k: Counter(v) for k, v in summary["nested_layers"].items()}
+        lines.append(f"kept float: {describe_nested(nested)}; only the main graph is "
+                     "quantized")
     lines.append(f"unsupported ops: {', '.join(summary['unsupported_ops']) or 'none'}")
     return "\n".join(lines)
 

@@ -51,6 +51,7 @@ import onnx
 from hawq_onnx.analysis import AnalysisSettings, analyze
 from hawq_onnx.data import Dataset, load_npz
 from hawq_onnx.errors import HawqError
+from hawq_onnx.graph import nested_reason
 from hawq_onnx.hessian.hvp import HessianVectorProduct
 from hawq_onnx.hessian.objective import Objective
 from hawq_onnx.hessian.result import AnalysisResult
@@ -287,7 +288,8 @@ class MixedSession:
         self.choices: list[LayerChoice] = layer_choices(
             self.quantizer.view, self.quantizer.placement, ties=self.mixed.ties)
         if not self.choices:
-            raise HawqError("the model has no quantizable weights to allocate widths to")
+            raise HawqError("the model has no quantizable weights to allocate widths to"
+                            + nested_reason(self.quantizer.view))
         self.act_units: list[ActUnit] = []
         self.links: list[LayerLink] = []
         if self.act_bits:
