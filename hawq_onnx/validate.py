@@ -2,8 +2,10 @@
 
 Metrics, all streamed batch by batch (memory does not grow with the evaluation set):
 
-* ``top1_float`` / ``top1_quant``: accuracy of ``argmax`` over the last axis of the first
-  output, when labels are given; ``drop`` is their difference (in [0, 1]);
+* ``top1_float`` / ``top1_quant``: accuracy of the first output's predicted class
+  (``argmax`` over the last axis; one score per sample is a binary decision, see
+  :mod:`hawq_onnx.predictions` and ``decision``), when labels are given; ``drop`` is their
+  difference (in [0, 1]);
 * ``agreement``: how often the two models' top-1 predictions agree (no labels needed);
 * ``sqnr_db``: output signal-to-quantization-noise ratio, ``10 log10(sum f^2 / sum (f-q)^2)``
   over every float output element; ``cosine``: cosine similarity of the flattened outputs;
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from hawq_onnx import predictions
 from hawq_onnx.calibration.session import make_session, run_session, session_options
 from hawq_onnx.data import LABELS_KEY, Dataset, load_npz
 from hawq_onnx.errors import HawqError, InvalidDataError, InvalidModelError
@@ -43,6 +46,8 @@ class Metrics:
     top1_quant: float | None
     drop: float
     agreement: float | None
+    #: how the first output became a class per sample (:mod:`hawq_onnx.predictions`)
+    decision: str
     sqnr_db: float
     cosine: float
     bytes_float: int
@@ -79,6 +84,7 @@ class _Accumulator:
     def __init__(self) -> None:
         self.signal = self.noise = self.dot = self.quant_energy = 0.0
         self.agree = self.correct_float = self.correct_quant = self.count = 0
+        self._scores: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
 
     def add_outputs(self, floats: list[np.ndarray], quants: list[np.ndarray]) -> None:
         for f, q in zip(floats, quants, strict=True):
@@ -92,8 +98,15 @@ class _Accumulator:
 
     def add_predictions(self, first_float: np.ndarray, first_quant: np.ndarray,
                         labels: np.ndarray | None) -> None:
-        pred_f = _top1(first_float)
-        pred_q = _top1(first_quant)
+        if predictions.single_score(first_float):
+            # one score per sample: the threshold needs every float score, so keep them
+            # (8 bytes per sample per model) and decide in :meth:`finish`
+            self._scores.append((predictions.scores(first_float),
+                                 predictions.scores(first_quant), labels))
+            return
+        self._count(predictions.classes(first_float), predictions.classes(first_quant), labels)
+
+    def _count(self, pred_f: np.ndarray, pred_q: np.ndarray, labels: np.ndarray | None) -> None:
         self.agree += int(np.sum(pred_f == pred_q))
         self.count += int(pred_f.size)
         if labels is not None:
@@ -104,6 +117,17 @@ class _Accumulator:
             self.correct_float += int(np.sum(pred_f == labels))
             self.correct_quant += int(np.sum(pred_q == labels))
 
+    def finish(self) -> str:
+        """Count the single-score batches under the float model's threshold; the rule used."""
+        if not self._scores:
+            return predictions.ARGMAX
+        threshold = predictions.threshold_for([f for f, _, _ in self._scores])
+        for float_scores, quant_scores, labels in self._scores:
+            self._count((float_scores > threshold).astype(np.int64),
+                        (quant_scores > threshold).astype(np.int64), labels)
+        self._scores = []
+        return predictions.describe(threshold)
+
     def sqnr_db(self) -> float:
         if self.noise == 0:
             return math.inf
@@ -112,15 +136,6 @@ class _Accumulator:
     def cosine(self) -> float:
         denom = math.sqrt(self.signal * self.quant_energy)
         return self.dot / denom if denom else (1.0 if self.signal == self.quant_energy else 0.0)
-
-
-def _top1(output: np.ndarray) -> np.ndarray:
-    if output.ndim == 0:
-        return output.reshape(1)
-    if output.ndim == 1:
-        return (output > 0).astype(np.int64) if np.issubdtype(output.dtype, np.floating) \
-            else output
-    return np.argmax(output, axis=-1)
 
 
 def _labels(path: Path, dataset: Dataset, key: str) -> np.ndarray | None:
@@ -191,6 +206,7 @@ def evaluate(float_path: str | os.PathLike[str], quant_path: str | os.PathLike[s
         acc.add_outputs(floats, quants)
         acc.add_predictions(floats[0], quants[0], None if labels is None else labels[part])
         seen += part.stop - part.start
+    decision = acc.finish()
     has_labels = labels is not None
     top1_f = acc.correct_float / acc.count if has_labels and acc.count else None
     top1_q = acc.correct_quant / acc.count if has_labels and acc.count else None
@@ -198,7 +214,8 @@ def evaluate(float_path: str | os.PathLike[str], quant_path: str | os.PathLike[s
     drop = (top1_f - top1_q) if top1_f is not None and top1_q is not None else (
         1.0 - agreement if agreement is not None else 0.0)
     metrics = Metrics(samples=seen, outputs=names, top1_float=top1_f, top1_quant=top1_q,
-                      drop=drop, agreement=agreement, sqnr_db=acc.sqnr_db(),
+                      drop=drop, agreement=agreement, decision=decision,
+                      sqnr_db=acc.sqnr_db(),
                       cosine=acc.cosine(), bytes_float=float_path.stat().st_size,
                       bytes_quant=quant_path.stat().st_size)
     if latency_runs > 0 and first_feeds is not None:

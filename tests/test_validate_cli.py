@@ -104,3 +104,57 @@ def test_bad_input_exits_2(models: dict[str, Path], tmp_path: Path, case: str,
         quant.write_bytes(b"not a model")
     assert main(["validate", str(FASHION), str(quant), "--eval", str(data), *extra]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _scorer(path: Path, weight: np.ndarray, sigmoid: bool) -> Path:
+    """x[N, 4] -> MatMul -> [N, 1] (-> Sigmoid): one score per sample, like a VAD."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logit" if sigmoid else "y"])]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["logit"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "scorer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+         path)
+    return path
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_one_score_per_sample_is_a_binary_decision(tmp_path: Path, sigmoid: bool) -> None:
+    """argmax over a [N, 1] output is always 0: two such models "agreed" on every sample
+    whatever their scores. A single score is now thresholded (0.5 for probabilities, 0 for
+    logits) and agreement and top-1 follow the decisions."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    w = rng.standard_normal((4, 1))
+    labels = (x @ w > 0.3).astype(np.int64).ravel()
+    np.savez(tmp_path / "eval.npz", x=x, labels=labels)
+    float_path = _scorer(tmp_path / "f.onnx", w, sigmoid)
+    other = _scorer(tmp_path / "q.onnx", w + 0.4 * rng.standard_normal((4, 1)), sigmoid)
+    metrics = evaluate(float_path, other, tmp_path / "eval.npz", latency_runs=0,
+                       batch_size=64)
+    decide_f, decide_q = (x @ w).ravel() > 0, (x @ _weight(other)).ravel() > 0
+    assert metrics.decision == ("score > 0.5" if sigmoid else "score > 0")
+    assert metrics.agreement == pytest.approx(np.mean(decide_f == decide_q))
+    assert 0.5 < metrics.agreement < 0.99  # the perturbation flips some decisions
+    assert metrics.top1_float == pytest.approx(np.mean(decide_f == labels))
+    assert metrics.top1_quant == pytest.approx(np.mean(decide_q == labels))
+    # the accuracy-target search measures drops by the same rule
+    import onnx
+
+    from hawq_onnx.mixed.pipeline import DropMeter
+
+    meter = DropMeter(onnx.load(float_path), tmp_path / "eval.npz", batch_size=64)
+    measured = meter(onnx.load(other))
+    assert measured["agreement"] == pytest.approx(metrics.agreement)
+    assert measured["drop"] == pytest.approx(metrics.drop)
+
+
+def _weight(path: Path) -> np.ndarray:
+    import onnx
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(onnx.load(path).graph.initializer[0]).astype(np.float64)

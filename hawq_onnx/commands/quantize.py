@@ -155,7 +155,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         parts.append(f"top-1 {100 * metrics['top1_float']:.2f}% -> "
                      f"{100 * metrics['top1_quant']:.2f}%")
     if metrics.get("agreement") is not None:
-        parts.append(f"agreement {100 * metrics['agreement']:.2f}%")
+        rule = metrics.get("decision")
+        by = f" ({rule})" if rule and rule != "argmax" else ""
+        parts.append(f"agreement {100 * metrics['agreement']:.2f}%{by}")
     parts.append(f"SQNR {metrics['sqnr_db']} dB, cosine {metrics['cosine']}")
     if metrics.get("latency_float_ms") is not None:
         parts.append(f"latency {metrics['latency_float_ms']:.3f} -> "

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from hawq_onnx import predictions
 from hawq_onnx.analysis import AnalysisSettings, analyze
 from hawq_onnx.data import Dataset, load_npz
 from hawq_onnx.errors import HawqError
@@ -842,30 +843,34 @@ class DropMeter:
             self.labels = np.asarray(self.labels)[:len(dataset)]
         self.batches = dataset.batched(batch_size)  # re-read per evaluation
         session = make_session(float_model)
-        self.reference = np.concatenate([self._predict(session, b) for b in self.batches])
+        firsts = [session.run(None, dict(b))[0] for b in self.batches]
+        #: a single score per sample is thresholded by the float model's rule (as validate)
+        self.threshold = predictions.threshold_for(firsts) \
+            if firsts and predictions.single_score(firsts[0]) else None
+        self.reference = np.concatenate([self._classes(o) for o in firsts])
         self.fmt = fmt
         self.evaluations = 0
 
-    @staticmethod
-    def _predict(session: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        from hawq_onnx.validate import _top1
+    def _classes(self, output: np.ndarray) -> np.ndarray:
+        return predictions.classes(output, self.threshold).reshape(-1)
 
-        return _top1(session.run(None, dict(feeds))[0]).reshape(-1)
+    def _predict(self, session: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self._classes(session.run(None, dict(feeds))[0])
 
-    def top1(self, predictions: np.ndarray) -> float | None:
+    def top1(self, predicted: np.ndarray) -> float | None:
         if self.labels is None:
             return None
-        return float(np.mean(predictions == self.labels.reshape(predictions.shape)))
+        return float(np.mean(predicted == self.labels.reshape(predicted.shape)))
 
     def __call__(self, model: onnx.ModelProto) -> dict[str, Any]:
         from hawq_onnx.calibration.session import make_session
         from hawq_onnx.export import finalize
 
         session = make_session(finalize(model, self.fmt))
-        predictions = np.concatenate([self._predict(session, b) for b in self.batches])
+        predicted = np.concatenate([self._predict(session, b) for b in self.batches])
         self.evaluations += 1
-        agreement = float(np.mean(predictions == self.reference))
-        top_f, top_q = self.top1(self.reference), self.top1(predictions)
+        agreement = float(np.mean(predicted == self.reference))
+        top_f, top_q = self.top1(self.reference), self.top1(predicted)
         drop = top_f - top_q if top_f is not None and top_q is not None else 1.0 - agreement
         return {"drop": drop, "agreement": agreement, "top1_float": top_f, "top1_quant": top_q}
 
