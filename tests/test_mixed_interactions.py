@@ -312,3 +312,35 @@ def test_hessian_allocation_beats_uniform_and_random_in_held_out_loss(fashion,
         measured = fashion.measured_delta(allocation)
         assert measured < 0.8 * uniform_dl, (name, allocation.bits, measured, uniform_dl)
         assert measured < 0.8 * random_dl, (name, allocation.bits, measured, random_dl)
+
+
+def test_a_gram_too_big_for_one_micro_batch_runs_on_smaller_ones(
+        fashion, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the output tangents of one micro-batch exceed the Gram's budget, the couplings
+    come from the same objective over smaller micro-batches (still no HVP), with the tables
+    of the full-batch Gram; below one sample's worth the meters' engine (HVPs) is kept."""
+    base = fashion._hvp
+    jobs = len(fashion.choices) * len(fashion.bits)
+    full = base.gram_bytes(jobs)
+    size = base.objective.batches.first().size
+    engine = fashion._coupling_engine(full // 3)
+    assert engine is not base and engine.mode == base.mode == "gauss_newton"
+    assert engine.objective.batches.first().size == size // 3
+    assert engine.gram_bytes(jobs) <= full // 3
+    _, _, pert = fashion.meters()
+    hvps: list[int] = []
+    for hvp in (engine, base):
+        apply = hvp.apply
+        monkeypatch.setattr(hvp, "apply", lambda v, _a=apply, **kw: hvps.append(len(v))
+                            or _a(v, **kw))
+    before = base.products
+    split = inter.hessian_couplings(engine, pert, gram_budget_bytes=full // 3)
+    whole = inter.hessian_couplings(base, pert, gram_budget_bytes=full)
+    monkeypatch.undo()
+    assert hvps == [] and base.products - before == engine.products == jobs  # Gram, no HVP
+    np.testing.assert_allclose(split.quadratic, whole.quadratic, rtol=1e-4)
+    scale = max(np.abs(t).max() for t in whole.pairs.values())
+    for key, table in whole.pairs.items():
+        np.testing.assert_allclose(split.pairs[key], table, rtol=1e-4, atol=1e-6 * scale)
+    assert fashion._coupling_engine(full // (size + 1)) is base  # under one sample: HVPs
+    assert fashion._coupling_engine(full) is base  # fits already

@@ -508,7 +508,8 @@ class MixedSession:
         with timed(self.timings, "interactions"):
             if mode in ("hessian", "both"):
                 assert self._hvp is not None
-                corrections.couplings = inter.hessian_couplings(self._hvp, perturbations)
+                corrections.couplings = inter.hessian_couplings(
+                    self._coupling_engine(inter.GRAM_BUDGET_BYTES), perturbations)
                 models["cross_terms"] = inter.with_cross_terms(corrections.couplings)
             if mode in ("measured", "both"):
                 corrections.measured = inter.measured_interactions(
@@ -520,6 +521,31 @@ class MixedSession:
                 models["both"] = replace(both, name="both")
         self.corrections = corrections
         return corrections
+
+    def _coupling_engine(self, budget_bytes: int) -> HessianVectorProduct:
+        """The engine for the Hessian couplings: the meters' one, or the same objective over
+        smaller micro-batches when the output-space Gram (all pairs from one forward-mode
+        tangent per unit and width) would not fit ``budget_bytes`` at the meters' batch size.
+
+        Why: the Gram holds every tangent of one micro-batch at once, so on dense outputs
+        (an OCR recognizer's [N, T, 6625] probabilities) it exceeded the budget and the
+        couplings fell back to one HVP per unit and width, several times slower. The Gram
+        sums over micro-batches, so fewer samples per micro-batch give the same tables."""
+        assert self._hvp is not None
+        hvp = self._hvp
+        jobs = len(self.choices) * len(self.bits)
+        need = hvp.gram_bytes(jobs)
+        if hvp.mode != "gauss_newton" or need <= budget_bytes:
+            return hvp
+        size = hvp.objective.batches.first().size
+        smaller = size * budget_bytes // need
+        declared = self.analysis_data.fixed_batch
+        if smaller < max(1, declared or 1) or (declared is not None and size == declared):
+            return hvp  # one sample (or the declared batch) is already too much: HVPs
+        objective = Objective(hvp.objective.mirror,
+                              self.analysis_data.batched(smaller, relax_fixed=True))
+        engine = HessianVectorProduct(objective, hvp.mode)
+        return engine if engine.gram_bytes(jobs) <= budget_bytes else hvp
 
     def chosen_model(self) -> inter.LossModel:
         corrections = self.corrections or self.correct()
