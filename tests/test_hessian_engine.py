@@ -481,3 +481,44 @@ def test_identical_seeds_give_identical_numbers() -> None:
     first, again, other = run(3), run(3), run(4)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def _sequence_softmax_model() -> onnx.ModelProto:
+    """x[N, 4] -> MatMul(4x6) -> Reshape [N, 2, 3] -> Softmax(last axis): one distribution
+    per position, like a CTC text recognizer's [N, steps, classes] output."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 2, 3], dtype=np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Reshape", ["h", "shape"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["probs"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 2, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=10)
+
+
+def test_per_position_distributions_get_kl_and_gauss_newton_is_exact() -> None:
+    """auto picks KL per position for a [N, steps, classes] softmax (it picked MSE on the
+    probabilities before), the value is the mean KL over samples and positions, and the
+    Gauss–Newton products equal the exact Hessian's at the float point."""
+    x = mlp_data(20)
+    objective = objective_for(_sequence_softmax_model(), ["w"], x)
+    (spec,) = objective.losses
+    assert spec.kind == "kl" and spec.probabilities
+    q_logits = x.astype(np.float64) @ (numpy_helper.to_array(
+        _sequence_softmax_model().graph.initializer[0]).astype(np.float64) * 1.1)
+    q = torch.softmax(torch.from_numpy(q_logits.reshape(-1, 2, 3)), dim=-1)
+    p = torch.softmax(torch.from_numpy(q_logits.reshape(-1, 2, 3) / 1.1), dim=-1)
+    batch = next(iter(objective.batches))
+    manual = (p[:8] * (p[:8].log() - q[:8].log())).sum(-1).mean()
+    got = objective.loss([q[:8]], batch)
+    assert float(got) == pytest.approx(float(manual), rel=1e-6)
+    hessian = exact_hessian(objective)
+    hvp = HessianVectorProduct(objective, "gauss_newton")
+    v = np.random.default_rng(9).standard_normal((2, hessian.shape[0]))
+    products = hvp.apply([hvp.layout.split(torch.from_numpy(r), [0]) for r in v])
+    got_h = np.stack([hvp.layout.join(prod, [0]).numpy() for prod in products])
+    np.testing.assert_allclose(got_h, v @ hessian, rtol=1e-7, atol=1e-10)
+    assert np.trace(hessian) > 0

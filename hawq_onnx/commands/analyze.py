@@ -31,7 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--labels-key", metavar="KEY",
                         help="array of labels in CALIB.npz (makes the default loss ce)")
     parser.add_argument("--loss", choices=("auto", "kl", "ce", "mse"), default="auto",
-                        help="auto: ce with labels, else kl for class scores, mse otherwise")
+                        help="auto: ce with labels, else kl for class scores (and per "
+                             "position for [N, steps, classes] probabilities), mse otherwise")
     parser.add_argument("--outputs", type=_names, metavar="NAME,...",
                         help="model outputs the loss uses (default: every float output)")
     parser.add_argument("--rel-tol", type=positive_float, default=0.05,

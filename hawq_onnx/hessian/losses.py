@@ -37,8 +37,11 @@ def looks_like_class_scores(output: torch.Tensor) -> bool:
 
 
 def looks_like_probabilities(output: torch.Tensor) -> bool:
-    """Non-negative rows summing to one: the model already applied a softmax."""
-    if not looks_like_class_scores(output) or output.numel() == 0:
+    """Non-negative rows along the last axis summing to one: the model already applied a
+    softmax. Any rank ≥ 2: ``[batch, classes]``, or one distribution per position
+    (``[batch, steps, classes]`` of a CTC text recognizer, channels-last segmentation)."""
+    if (not output.is_floating_point() or output.dim() < 2 or output.shape[-1] < 2
+            or output.numel() == 0):
         return False
     sums = output.sum(dim=-1)
     return bool((output >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
@@ -54,7 +57,9 @@ def resolve_losses(
     """Choose the loss for each selected output from the float outputs of one batch.
 
     ``auto`` means cross-entropy when labels are given, otherwise KL for class scores and
-    MSE for everything else.
+    MSE for everything else; an output of rank ≥ 3 that holds a distribution per position
+    gets KL per position (labels, one per sample, do not fit it). Why not MSE there: on
+    probabilities it barely sees a confident prediction losing mass to the other classes.
     """
     if kind not in LOSS_KINDS:
         raise HawqError(f"unknown loss {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
@@ -67,6 +72,8 @@ def resolve_losses(
         if kind == "auto":
             if looks_like_class_scores(out):
                 chosen = "ce" if has_labels else "kl"
+            elif looks_like_probabilities(out):
+                chosen = "kl"
             else:
                 chosen = "mse"
         losses.append(OutputLoss(index, name, chosen, looks_like_probabilities(out)))
