@@ -868,14 +868,27 @@ class DropMeter:
         if self.labels is not None:
             self.labels = np.asarray(self.labels)[:len(dataset)]
         self.batches = dataset.batched(batch_size)  # re-read per evaluation
-        session = make_session(float_model)
-        firsts = [session.run(None, dict(b))[0] for b in self.batches]
-        #: a single score per sample is thresholded by the float model's rule (as validate)
-        self.threshold = predictions.threshold_for(firsts) \
-            if firsts and predictions.single_score(firsts[0]) else None
-        self.reference = np.concatenate([self._classes(o) for o in firsts])
+        #: the score threshold when the first output is one score per sample (as validate)
+        self.threshold: float | None = None
+        self.reference = self._reference(make_session(float_model))
         self.fmt = fmt
         self.evaluations = 0
+
+    def _reference(self, session: Any) -> np.ndarray:
+        """The float model's classes, setting :attr:`threshold` for single-score outputs.
+        Only single scores are kept whole until the threshold is known (one number per
+        sample); other outputs become classes batch by batch."""
+        kept: list[np.ndarray] = []
+        single: bool | None = None
+        for batch in self.batches:
+            first = session.run(None, dict(batch))[0]
+            if single is None:
+                single = predictions.single_score(first)
+            kept.append(predictions.scores(first) if single else self._classes(first))
+        if single:
+            self.threshold = predictions.threshold_for(kept)
+            kept = [(k > self.threshold).astype(np.int64) for k in kept]
+        return np.concatenate(kept)
 
     def _classes(self, output: np.ndarray) -> np.ndarray:
         return predictions.classes(output, self.threshold).reshape(-1)
