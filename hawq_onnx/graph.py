@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -173,7 +173,7 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])]
 
 
-def describe_nested(nested: dict[str, Counter[str]]) -> str:
+def describe_nested(nested: Mapping[str, Mapping[str, int]]) -> str:
     """"12 layers inside control-flow bodies (If_0: 8 Conv, 4 LSTM)" for messages."""
     total = sum(sum(c.values()) for c in nested.values())
     where = "; ".join(f"{name}: " + ", ".join(f"{n} {op}" for op, n in sorted(c.items()))

@@ -123,8 +123,8 @@ class _Accumulator:
             return predictions.ARGMAX
         threshold = predictions.threshold_for([f for f, _, _ in self._scores])
         for float_scores, quant_scores, labels in self._scores:
-            self._count((float_scores > threshold).astype(np.int64),
-                        (quant_scores > threshold).astype(np.int64), labels)
+            self._count(predictions.classes(float_scores, threshold),
+                        predictions.classes(quant_scores, threshold), labels)
         self._scores = []
         return predictions.describe(threshold)
 

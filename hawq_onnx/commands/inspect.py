@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,9 +188,8 @@ def render_summary(summary: dict[str, Any]) -> str:
     flow = ", ".join(f"{c['node']} ({c['op']})" for c in summary["control_flow_nodes"])
     lines.append(f"control flow: {flow or 'none'}")
     if summary["nested_layers"]:
-        nested = {k: Counter(v) for k, v in summary["nested_layers"].items()}
-        lines.append(f"kept float: {describe_nested(nested)}; only the main graph is "
-                     "quantized")
+        lines.append(f"kept float: {describe_nested(summary['nested_layers'])}; only the main "
+                     "graph is quantized")
     lines.append(f"unsupported ops: {', '.join(summary['unsupported_ops']) or 'none'}")
     return "\n".join(lines)
 

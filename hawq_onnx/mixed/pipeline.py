@@ -540,7 +540,7 @@ class MixedSession:
         size = hvp.objective.batches.first().size
         smaller = size * budget_bytes // need
         declared = self.analysis_data.fixed_batch
-        if smaller < max(1, declared or 1) or (declared is not None and size == declared):
+        if smaller < (declared or 1) or size == declared:
             return hvp  # one sample (or the declared batch) is already too much: HVPs
         objective = Objective(hvp.objective.mirror,
                               self.analysis_data.batched(smaller, relax_fixed=True))
@@ -887,7 +887,7 @@ class DropMeter:
             kept.append(predictions.scores(first) if single else self._classes(first))
         if single:
             self.threshold = predictions.threshold_for(kept)
-            kept = [(k > self.threshold).astype(np.int64) for k in kept]
+            kept = [self._classes(k) for k in kept]
         return np.concatenate(kept)
 
     def _classes(self, output: np.ndarray) -> np.ndarray:
